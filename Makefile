@@ -1,0 +1,48 @@
+# captioner: `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := --dataset demo --data-dir data
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint format bench clean-demo
+
+help:  ## List every target
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/captioner: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/captioner  ## Create .venv and install captioner with the dev extra
+
+demo: install  ## Run the whole pipeline offline on the synthetic dataset and caption an image
+	$(BIN)/captioner download $(DEMO)
+	$(BIN)/captioner clean $(DEMO)
+	$(BIN)/captioner features $(DEMO)
+	$(BIN)/captioner tokenizer $(DEMO)
+	$(BIN)/captioner train $(DEMO) --name demo
+	$(BIN)/captioner evaluate --run runs/demo --split test
+	$(BIN)/captioner caption --model runs/demo \
+		"data/demo/raw/Flicker8k_Dataset/$$(head -n 1 data/demo/raw/Flickr8k_text/Flickr_8k.testImages.txt)"
+
+test: install  ## Run the test suite (network-free)
+	$(BIN)/pytest -q
+
+lint: install  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install  ## Apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install  ## Benchmarks against the reference approach (see BENCHMARKS.md)
+	$(BIN)/python scripts/bench.py features
+	$(BIN)/python scripts/bench.py train
+	$(BIN)/python scripts/bench.py decode
+
+clean-demo:  ## Remove the demo data and run
+	rm -rf data/demo runs/demo

@@ -1,0 +1,63 @@
+"""Pieces every benchmark shares: the machine's matmul peak, timing, machine description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import tensorflow as tf
+
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__}
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Best wall-clock seconds of `repeats` calls (after the caller has warmed up)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak_gflops(n: int = 4096, dtype: str = "float32") -> float:
+    """Measured GFLOP/s of a large TensorFlow matrix product: the practical compute ceiling."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n), dtype=tf.float32)
+    b = tf.random.normal((n, n), dtype=tf.float32)
+    if dtype != "float32":
+        a, b = tf.cast(a, dtype), tf.cast(b, dtype)
+    matmul = tf.function(lambda x, y: tf.matmul(x, y))
+    matmul(a, b).numpy()  # warm up
+    seconds = best_time(lambda: matmul(a, b).numpy(), repeats=3)
+    return 2 * n**3 / seconds / 1e9
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(result: dict, as_json: bool) -> dict:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value:.4g}" if isinstance(value, float) else f"{key:>24}: {value}")
+    return result

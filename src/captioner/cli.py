@@ -1,0 +1,234 @@
+"""The `captioner` command: one thin click command per stage.
+
+Commands only turn options into a Config and call the stage function. TensorFlow is imported
+inside the stage modules, which are imported inside the command bodies, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from captioner import __version__
+from captioner.config import Config, load_config
+from captioner.errors import CaptionerError
+
+
+def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a CaptionerError (or a file-system error) into one line on stderr and exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CaptionerError as error:
+            raise click.ClickException(str(error)) from None
+        except OSError as error:
+            where = f"{error.filename}: " if error.filename else ""
+            raise click.ClickException(f"{where}{error.strerror or error}") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished work is kept, run the command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--config, --set, --dataset, --data-dir, --seed: shared by every data-touching command."""
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="TOML file on top of the defaults (default: configs/<dataset>.toml)."),
+        click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                     help="Override one setting, e.g. --set train.epochs=5 (repeatable)."),
+        click.option("--dataset", help="flickr8k, flickr30k, demo, or a name of your own."),
+        click.option("--data-dir", help="Root of the data layout (default ./data)."),
+        click.option("--seed", type=int, help="The one random seed (default 0)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def resolve(config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
+            data_dir: str | None, seed: int | None, **flags: Any) -> Config:
+    return load_config(config_path, overrides, dataset=dataset,
+                       **{"data.data_dir": data_dir, "seed": seed}, **flags)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="captioner")
+def main() -> None:
+    """Train image-captioning models end to end and caption new images.
+
+    \b
+    Quick start (offline, synthetic data):
+      captioner train --dataset demo
+      captioner caption path/to/image.jpg
+    """
+
+
+@main.command()
+@config_options
+@click.option("--mirror", help="Fetch the same file names from MIRROR/<file name>.")
+@click.option("--skip-checksum", is_flag=True, default=None, help="Do not verify md5 sums.")
+@_fail_cleanly
+def download(mirror: str | None, skip_checksum: bool | None, **common: Any) -> None:
+    """Download and extract a dataset into DATA_DIR/<dataset>/raw/.
+
+    \b
+    Example:
+      captioner download --dataset flickr8k
+      captioner download --dataset demo        # synthetic, no network
+    """
+    from captioner import download as stage
+
+    cfg = resolve(**common, **{"download.mirror": mirror, "download.skip_checksum": skip_checksum})
+    click.echo(stage.download(cfg))
+
+
+@main.command()
+@config_options
+@click.option("--split", type=click.Choice(["official", "karpathy", "random"]), default=None,
+              help="Which train/dev/test split to use.")
+@click.option("--format", "fmt", default=None,
+              help="Caption format: auto, flickr8k, kaggle, flickr30k, hf, karpathy, csv, coco.")
+@click.option("--captions", default=None, help="Your own caption file (with --format csv|coco).")
+@click.option("--images", default=None, help="Your own image folder (with --format csv|coco).")
+@_fail_cleanly
+def clean(split: str | None, fmt: str | None, captions: str | None, images: str | None,
+          **common: Any) -> None:
+    """Parse the raw captions, normalise them and write DATA_DIR/<dataset>/captions.csv.
+
+    \b
+    Example:
+      captioner clean --dataset flickr8k --split official
+      captioner clean --dataset mine --format csv --captions caps.csv --images pics/
+    """
+    from captioner import clean as stage
+
+    cfg = resolve(**common, **{"data.split": split, "data.format": fmt,
+                               "data.captions": captions, "data.images": images})
+    click.echo(stage.clean(cfg))
+
+
+@main.command()
+@config_options
+@click.option("--encoder", default=None, help="vgg16 (default), resnet50, efficientnetb0.")
+@click.option("--weights", default=None, help="imagenet, none, or a local .h5 file.")
+@click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
+@click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N.")
+@click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
+@_fail_cleanly
+def features(encoder: str | None, weights: str | None, batch_size: int | None,
+             precision: str | None, shard: str | None, merge: bool, **common: Any) -> None:
+    """Run the image encoder once over every image; cache to features/<encoder>/.
+
+    \b
+    Example:
+      captioner features --dataset flickr8k --encoder vgg16 --weights imagenet
+      captioner features --dataset demo --weights none --batch-size 32
+    """
+    from captioner import features as stage
+
+    cfg = resolve(**common, **{"features.encoder": encoder, "features.weights": weights,
+                               "features.batch_size": batch_size, "features.precision": precision,
+                               "features.shard": shard})
+    click.echo(stage.merge_shards(cfg) if merge else stage.extract(cfg))
+
+
+@main.command()
+@config_options
+@click.option("--min-count", type=int, default=None, help="Rarer training words become <unk>.")
+@_fail_cleanly
+def tokenizer(min_count: int | None, **common: Any) -> None:
+    """Build the vocabulary from the training split into DATA_DIR/<dataset>/vocab.json.
+
+    \b
+    Example:
+      captioner tokenizer --dataset flickr8k --min-count 5
+    """
+    from captioner import tokenizer as stage
+
+    cfg = resolve(**common, **{"tokenizer.min_count": min_count})
+    click.echo(stage.build_vocab(cfg))
+
+
+@main.command()
+@config_options
+@click.option("--encoder", default=None, help="Which feature cache to train on.")
+@click.option("--weights", default=None, help="Encoder weights if features must be computed.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Captions per training batch.")
+@click.option("--name", default=None, help="Run name (default <dataset>-<encoder>-<time>).")
+@click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]),
+              default=None, help="tf.distribute strategy (multiworker reads TF_CONFIG).")
+@click.option("--resume", is_flag=True, help="Continue the named run from its last checkpoint.")
+@_fail_cleanly
+def train(encoder: str | None, weights: str | None, epochs: int | None, batch_size: int | None,
+          name: str | None, strategy: str | None, resume: bool, **common: Any) -> None:
+    """Train the merge model, running any missing earlier stage first.
+
+    \b
+    Example:
+      captioner train --dataset flickr8k              # downloads, cleans, extracts, trains
+      captioner train --dataset demo --epochs 5
+      captioner train --dataset flickr8k --name f8k --resume
+    """
+    from captioner import train as stage
+
+    cfg = resolve(**common, **{"features.encoder": encoder, "features.weights": weights,
+                               "train.epochs": epochs, "train.batch_size": batch_size,
+                               "train.name": name, "train.strategy": strategy})
+    click.echo(stage.train(cfg, resume=resume))
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="A run directory made by `captioner train`.")
+@click.option("--split", default="test", show_default=True, help="train, dev or test.")
+@click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
+@click.option("--data-dir", default=None, help="Where the run's dataset lives, if moved.")
+@_fail_cleanly
+def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -> None:
+    """Score a trained run: BLEU-1..4, CIDEr-D, ROUGE-L (METEOR with Java).
+
+    \b
+    Example:
+      captioner evaluate --run runs/flickr8k-vgg16-20261121 --split test --beam 3
+    """
+    from captioner import evaluate as stage
+
+    click.echo(stage.evaluate(Path(run_dir), split=split, beam=beam, data_dir=data_dir))
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "runs", multiple=True, type=click.Path(file_okay=False),
+              help="Run directory (repeatable). Default: the latest finished run under runs/.")
+@click.option("--runs-dir", default="runs", show_default=True, help="Where to look for runs.")
+@click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of TSV.")
+@_fail_cleanly
+def caption(images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam: int | None,
+            as_json: bool) -> None:
+    """Caption images (files or folders) with one or several trained models.
+
+    \b
+    Example:
+      captioner caption photo.jpg
+      captioner caption photos/ --model runs/f30k --model runs/f8k --beam 5 --json
+    """
+    from captioner import caption as stage
+
+    failures = stage.caption_command(images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Configuration: typed defaults in code, a TOML file on top, `--set section.key=value` last.
+
+Every stage receives one frozen `Config`. Unknown keys and wrong types raise `ConfigError`
+naming the key, so a typo in a config file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from captioner.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "demo"
+    data_dir: str = "data"
+    # official | karpathy | random. "official" falls back to a seeded random split when the
+    # dataset ships no split files.
+    split: str = "official"
+    dev_fraction: float = 0.1  # used by the random split only
+    test_fraction: float = 0.1
+    # auto | flickr8k | kaggle | flickr30k | hf | karpathy | csv | coco
+    format: str = "auto"
+    captions: str = ""  # bring-your-own data: caption file (csv or coco json)
+    images: str = ""  # bring-your-own data: image folder
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    urls: tuple[str, ...] = ()  # empty: the dataset's built-in table (download.DATASETS)
+    md5: tuple[str, ...] = ()  # one per url; "" means not verified
+    karpathy_url: str = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+    mirror: str = ""
+    skip_checksum: bool = False
+    retries: int = 4
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Size of the synthetic offline dataset (see demo.py)."""
+
+    train_images: int = 1000
+    dev_images: int = 100
+    test_images: int = 100
+    image_size: int = 128
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    encoder: str = "vgg16"
+    weights: str = "imagenet"  # imagenet | none | path to a local .h5/.weights.h5 file
+    batch_size: int = 16
+    precision: str = "auto"  # auto | float32 | bfloat16
+    dtype: str = "float32"  # dtype stored on disk: float32 | float16
+    chunk_size: int = 256  # rows written per resumable chunk
+    shard: str = ""  # "I/N": compute only shard I of N (see features.merge_shards)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    # Words seen fewer times than this in training become <unk>. The reference approach kept every
+    # word (min_count=1); 5 halves the softmax cost and drops mostly typos (see README).
+    min_count: int = 5
+    max_length: int = 0  # cap on caption length in words; 0 = no cap
+    length_percentile: float = 100.0  # cap at this percentile of training caption lengths
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed_dim: int = 256
+    units: int = 256
+    dropout: float = 0.4
+    cell: str = "lstm"  # lstm | gru
+    # Standardise image features with training-set mean/std inside the model (useful for
+    # features with large or uneven scale, e.g. random-weight encoders).
+    normalize_features: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    patience: int = 3  # early stopping on validation loss; 0 disables
+    precision: str = "float32"  # float32 | bfloat16 (mixed)
+    runs_dir: str = "runs"
+    name: str = ""  # run name; default <dataset>-<encoder>-<timestamp>
+    strategy: str = "default"  # default | mirrored | multiworker
+    shuffle_buffer: int = 0  # 0 = whole training set
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    beam: int = 3  # 1 = greedy
+    length_penalty: float = 0.0  # score / length**alpha; 0 = plain log-probability
+    no_repeat_ngram: int = 0  # block repeated n-grams of this size; 0 = off
+    max_length: int = 0  # 0 = the tokenizer's max_length
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    # --- derived paths (never stored separately, so they cannot disagree) -----------------
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self.data.data_dir) / self.data.dataset
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.dataset_dir / "raw"
+
+    @property
+    def captions_csv(self) -> Path:
+        return self.dataset_dir / "captions.csv"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.dataset_dir / "features" / self.features.encoder
+
+    @property
+    def vocab_json(self) -> Path:
+        return self.dataset_dir / "vocab.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _bundled_config(dataset: str) -> dict[str, Any]:
+    """The `configs/<dataset>.toml` shipped with the package, or {} for custom datasets."""
+    path = resources.files("captioner") / "configs" / f"{dataset}.toml"
+    if not path.is_file():
+        return {}
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field's annotation, allowing int for float and list for tuple."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key '{key}' must be a list of strings, got {value!r}")
+        return tuple(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(
+            f"config key '{key}' must be {annotation.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        annotation, value = hints[f.name], values[f.name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{f.name}' must be a [section]")
+            kwargs[f.name] = _build(annotation, value, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(f"{prefix}{f.name}", value, annotation)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.epochs=5` -> {"train": {"epochs": 5}}; values are TOML, bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got '{text}'")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    result: dict[str, Any] = value
+    for part in reversed(dotted.strip().split(".")):
+        result = {part: result}
+    return result  # type: ignore[return-value]
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Iterable[str] = (),
+    dataset: str | None = None,
+    **flags: Any,
+) -> Config:
+    """Resolve a Config: defaults < bundled `configs/<dataset>.toml` (or `path`) < --set < flags.
+
+    `flags` are dotted keys set by CLI options, e.g. {"data.data_dir": "x"}; None values are
+    ignored so unset options never override the file.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    name = dataset or values.get("data", {}).get("dataset") or DataConfig.dataset
+    if path is None:
+        values = _bundled_config(name)
+    values = _merge(values, {"data": {"dataset": name}})
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    for dotted, value in flags.items():
+        if value is not None:
+            values = _merge(values, parse_override_value(dotted, value))
+    return _build(Config, values)
+
+
+def parse_override_value(dotted: str, value: Any) -> dict[str, Any]:
+    result: Any = value
+    for part in reversed(dotted.split(".")):
+        result = {part: result}
+    return result
+
+
+def replace(config: Config, **dotted: Any) -> Config:
+    """A copy of `config` with dotted keys replaced: replace(cfg, **{"train.epochs": 3})."""
+    values = config.to_dict()
+    for key, value in dotted.items():
+        values = _merge(values, parse_override_value(key, value))
+    return _build(Config, values)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. a run's config.json)."""
+    return _build(Config, values)
+

@@ -1,0 +1,80 @@
+"""Small file helpers shared by every stage: atomic writes, JSON, versions, logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def log(message: str) -> None:
+    """Progress and diagnostics go to stderr (results go to stdout), without breaking tqdm bars."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so a kill never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value: Any) -> Path:
+    atomic_write_bytes(Path(path), (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
+    return Path(path)
+
+
+def read_json(path: Path) -> Any:
+    from captioner.errors import CaptionerError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CaptionerError(f"{path}: file not found") from None
+    except json.JSONDecodeError as error:
+        raise CaptionerError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide whether a result can be reproduced."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("captioner", "tensorflow", "keras", "numpy", "pandas", "pillow", "nltk"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_commit() -> str:
+    """The commit of the source tree captioner runs from, or "" outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def set_seed(seed: int) -> None:
+    """One seed for Python, NumPy and TensorFlow (imported lazily: it is slow to import)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
