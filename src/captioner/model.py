@@ -45,8 +45,13 @@ class MergeImageText(layers.Layer):
 
 def build_model(feature_dim: int, vocab_size: int, cfg: ModelConfig,
                 feature_mean: np.ndarray | None = None,
-                feature_variance: np.ndarray | None = None) -> keras.Model:
-    """The training model: {"features": (B, D), "tokens": (B, T)} -> logits (B, T, V)."""
+                feature_variance: np.ndarray | None = None,
+                precision: str = "float32") -> keras.Model:
+    """The training model: {"features": (B, D), "tokens": (B, T)} -> logits (B, T, V).
+
+    precision "bfloat16" computes in bfloat16 with float32 weights (Keras mixed precision);
+    the logits are always float32.
+    """
     if cfg.cell not in RNN_LAYERS:
         raise CaptionerError(f"model.cell must be one of {sorted(RNN_LAYERS)}, got '{cfg.cell}'")
     features = keras.Input((feature_dim,), name="features")
@@ -68,6 +73,14 @@ def build_model(feature_dim: int, vocab_size: int, cfg: ModelConfig,
     hidden = layers.Dense(cfg.units, activation="relu", name="decoder_dense")(merged)
     logits = layers.Dense(vocab_size, name="logits", dtype="float32")(hidden)  # (B, T, V)
     return keras.Model({"features": features, "tokens": tokens}, logits, name="merge_model")
+
+
+def compile_model(model: keras.Model, learning_rate: float) -> None:
+    """Adam and cross-entropy on logits, ignoring padding targets (id 0)."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+    )
 
 
 # --- one-step decoding with the trained layers ----------------------------------------------
