@@ -40,6 +40,7 @@ class DownloadConfig:
     mirror: str = ""
     skip_checksum: bool = False
     retries: int = 4
+    backoff: float = 2.0  # seconds before the first retry; doubles after each failure
     timeout: float = 60.0
 
 
