@@ -1,0 +1,227 @@
+"""The web page: caption an uploaded or example image with one or more trained runs, side by side.
+
+`captioner app --model runs/A --model runs/B` calls `launch`, which starts `streamlit run` on this
+file with the run directories in the CAPTIONER_APP_MODELS environment variable (a JSON list).
+The page function at the bottom stays thin; what it calls are plain functions, tested without a
+browser (tests/test_app.py) and through one (tests/browser/).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from captioner.errors import CaptionerError
+
+try:  # the optional extra: one readable line instead of an ImportError traceback
+    import streamlit as st
+except ImportError:
+    raise CaptionerError("the web app needs streamlit; pip install 'captioner[app]'") from None
+
+MODELS_ENV = "CAPTIONER_APP_MODELS"  # JSON list of run directories
+EXAMPLES_ENV = "CAPTIONER_APP_EXAMPLES"  # optional folder of example images
+IMAGE_TYPES = ["jpg", "jpeg", "png", "bmp", "gif", "webp"]
+MAX_EXAMPLES = 12
+DEFAULT_BEAM = 3
+
+
+@dataclass(frozen=True)
+class Result:
+    """One model's answer for one image: a caption, or the reason there is none."""
+
+    model: str
+    caption: str
+    error: str
+    seconds: float
+
+
+# --- launching -----------------------------------------------------------------------------
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    """The run directory if it holds a trained model, else a CaptionerError naming the fix."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.keras").is_file():
+        raise CaptionerError(f"{run_dir}: not a trained run (no model.keras); "
+                             "pass a folder made by `captioner train`")
+    return run_dir
+
+
+def app_environment(run_dirs: Sequence[Path], examples: Path | None = None,
+                    base: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment that tells the page which runs (and example folder) to use."""
+    if not run_dirs:
+        raise CaptionerError("no model given; pass --model runs/NAME (repeatable)")
+    env = dict(base)
+    env[MODELS_ENV] = json.dumps([str(check_run_dir(r).resolve()) for r in run_dirs])
+    if examples is not None:
+        env[EXAMPLES_ENV] = str(Path(examples).resolve())
+    return env
+
+
+def streamlit_command(host: str = "127.0.0.1", port: int = 8501) -> list[str]:
+    """`streamlit run` on this file, headless, without usage statistics."""
+    return [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
+            "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
+
+
+def launch(run_dirs: Sequence[Path], examples: Path | None = None, host: str = "127.0.0.1",
+           port: int = 8501) -> int:
+    """Serve the page until interrupted; returns streamlit's exit code."""
+    env = app_environment(run_dirs, examples)
+    return subprocess.run(streamlit_command(host, port), env=env, check=False).returncode
+
+
+# --- page logic ----------------------------------------------------------------------------
+
+
+def run_dirs_from_env(environ: Mapping[str, str] = os.environ) -> list[Path]:
+    """The run directories passed by `launch` (or by a test) through CAPTIONER_APP_MODELS."""
+    text = environ.get(MODELS_ENV, "")
+    try:
+        dirs = json.loads(text) if text else []
+    except json.JSONDecodeError:
+        dirs = None
+    if not isinstance(dirs, list) or not dirs:
+        raise CaptionerError(f"{MODELS_ENV} names no run directories; start the page with "
+                             "`captioner app --model runs/NAME`")
+    return [check_run_dir(Path(d)) for d in dirs]
+
+
+def model_name(run_dir: Path) -> str:
+    """'<run name> (<dataset>, <encoder>)' from the run's config.json, or just the folder name."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+        data, features = config["data"], config["features"]
+        return f"{Path(run_dir).name} ({data['dataset']}, {features['encoder']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(run_dir).name
+
+
+def example_images(run_dirs: Sequence[Path], folder: str | None = None,
+                   limit: int = MAX_EXAMPLES) -> list[Path]:
+    """Images from `folder`, else the test split of the first run's dataset; [] if none found."""
+    from captioner import clean
+    from captioner.config import from_dict
+
+    try:
+        if folder:
+            paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower()[1:] in IMAGE_TYPES)
+            return paths[:limit]
+        cfg = from_dict(json.loads((Path(run_dirs[0]) / "config.json").read_text("utf-8")))
+        captions, images_dir = clean.load_captions(cfg)
+    except (OSError, ValueError, KeyError, IndexError):  # CaptionerError is a ValueError
+        return []  # examples are a convenience: the page works without them
+    names = captions.loc[captions["split"] == "test", "image"].drop_duplicates().head(limit)
+    return [images_dir / name for name in names if (images_dir / name).is_file()]
+
+
+def open_image(data: bytes, name: str) -> Image.Image:
+    """The uploaded bytes as an RGB image, or a CaptionerError a user can read."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
+        raise CaptionerError(f"{name}: not a readable image ({error}); "
+                             f"upload a {', '.join(IMAGE_TYPES)} file") from None
+
+
+def caption_image(models: Sequence[tuple[str, Any]], data: bytes, name: str,
+                  beam: int) -> list[Result]:
+    """Caption one image with every (name, LoadedRun); times each model separately."""
+    suffix = Path(name).suffix or ".jpg"
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"upload{suffix}"  # a safe name: never the user's path
+        path.write_bytes(data)
+        for model, loaded in models:
+            start = time.perf_counter()
+            captions, failures = loaded.caption_files([path], beam=beam)
+            seconds = time.perf_counter() - start
+            if captions:
+                results.append(Result(model, captions[0][1], "", seconds))
+            else:
+                reason = failures[0][1] if failures else "no caption produced"
+                results.append(Result(model, "", f"{name}: {reason}", seconds))
+    return results
+
+
+@st.cache_resource(show_spinner="Loading models (once)...")
+def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """(name, LoadedRun) per run, loaded once per server process, not per upload."""
+    from captioner import caption
+
+    encoders: dict = {}  # runs made with the same encoder share one copy of it
+    models = [(model_name(Path(d)), caption.load_run(Path(d), encoders=encoders))
+              for d in run_dirs]
+    # The first call traces TensorFlow functions (seconds); do it now for the default beam
+    # width, so the time shown for a user's image is the real captioning time.
+    blank = io.BytesIO()
+    Image.new("RGB", (64, 64), "gray").save(blank, format="JPEG")
+    caption_image(models, blank.getvalue(), "warm-up.jpg", beam=DEFAULT_BEAM)
+    return models
+
+
+# --- the page ------------------------------------------------------------------------------
+
+
+def page() -> None:
+    st.set_page_config(page_title="captioner", layout="wide")
+    st.title("captioner")
+    st.caption("Caption an image with every trained model, side by side.")
+    try:
+        run_dirs = run_dirs_from_env()
+        models = load_models(tuple(str(d) for d in run_dirs))
+    except CaptionerError as error:
+        st.error(str(error))
+        return
+
+    with st.sidebar:
+        decoding = st.radio("Decoding", ["greedy", "beam search"], index=1)
+        beam = st.slider("Beam width", 2, 10, DEFAULT_BEAM) if decoding == "beam search" else 1
+    upload_column, example_column = st.columns(2)
+    upload = upload_column.file_uploader("Upload an image", type=IMAGE_TYPES)
+    examples = example_images(run_dirs, os.environ.get(EXAMPLES_ENV))
+    example = example_column.selectbox("...or pick an example", examples, index=None,
+                                       format_func=lambda p: p.name,
+                                       placeholder="choose an example image")
+    if upload is not None:
+        data, name = upload.getvalue(), upload.name
+    elif example is not None:
+        data, name = example.read_bytes(), example.name
+    else:
+        st.info("Upload an image or pick an example to see each model's caption.")
+        return
+    try:
+        image = open_image(data, name)
+    except CaptionerError as error:
+        st.error(str(error))
+        return
+
+    image_column, answers = st.columns([1, 2], gap="large")
+    image_column.image(image, caption=name, width="stretch")
+    with st.spinner("Captioning..."):
+        results = caption_image(models, data, name, beam)
+    for column, result in zip(answers.columns(len(results)), results, strict=True):
+        column.subheader(result.model)
+        if result.error:
+            column.error(result.error)
+        else:
+            column.markdown(f"**{result.caption}**")
+        column.caption(f"{'greedy' if beam == 1 else f'beam {beam}'}, {result.seconds:.2f} s")
+
+
+if __name__ == "__main__":
+    page()
