@@ -7,6 +7,7 @@ inside the stage modules, which are imported inside the command bodies, so `--he
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,9 @@ import click
 from captioner import __version__
 from captioner.config import Config, load_config
 from captioner.errors import CaptionerError
+
+# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise on stderr for a CLI.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,11 +122,12 @@ def clean(split: str | None, fmt: str | None, captions: str | None, images: str 
 
 @main.command()
 @config_options
-@click.option("--encoder", default=None, help="vgg16 (default), resnet50, efficientnetb0.")
+@click.option("--encoder", default=None,
+              help="vgg16 (default), resnet50, efficientnetb0, mobilenetv3small.")
 @click.option("--weights", default=None, help="imagenet, none, or a local .h5 file.")
 @click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
-@click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N.")
+@click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (1..N).")
 @click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
 @_fail_cleanly
 def features(encoder: str | None, weights: str | None, batch_size: int | None,
@@ -228,6 +233,53 @@ def caption(images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam:
 
     failures = stage.caption_command(images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json)
     sys.exit(1 if failures else 0)
+
+
+@main.command()
+@config_options
+@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
+              help="Also plot this run's loss curves and generated captions.")
+@click.option("--out", "out_dir", default="plots", show_default=True,
+              type=click.Path(file_okay=False), help="Folder for the PNG files.")
+@_fail_cleanly
+def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
+    """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions.
+
+    Needs the optional extra: pip install 'captioner[plots]'.
+
+    \b
+    Example:
+      captioner plot --dataset flickr8k --out plots/
+      captioner plot --dataset demo --run runs/demo --out plots/
+    """
+    from captioner import plots as stage
+
+    cfg = resolve(**common)
+    for path in stage.plot(cfg, Path(out_dir), Path(run_dir) if run_dir else None):
+        click.echo(path)
+
+
+@main.command()
+@click.option("--model", "runs", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="Run directory (repeatable: models are shown side by side).")
+@click.option("--examples", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder of example images (default: the first run's test images).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
+@click.option("--port", type=int, default=8501, show_default=True)
+@_fail_cleanly
+def app(runs: tuple[str, ...], examples: str | None, host: str, port: int) -> None:
+    """Start the web page: upload an image, compare the captions of several models.
+
+    Needs the optional extra: pip install 'captioner[app]'.
+
+    \b
+    Example:
+      captioner app --model runs/flickr30k --model runs/flickr8k
+    """
+    from captioner import app as page
+
+    sys.exit(page.launch([Path(r) for r in runs], Path(examples) if examples else None,
+                         host=host, port=port))
 
 
 if __name__ == "__main__":

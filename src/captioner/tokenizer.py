@@ -6,6 +6,8 @@ first appearance), so id order is stable and readable. Words rarer than `min_cou
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.config import Config
 from captioner.errors import CaptionerError
-from captioner.io import read_json
+from captioner.io import log, read_json, write_json
 from captioner.text import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID
 
 VOCAB_FORMAT = 1
@@ -48,7 +51,8 @@ class Vocabulary:
             lengths.append(len(words))
         if not lengths:
             raise CaptionerError("no training captions to build a vocabulary from")
-        kept = [(w, c) for w, c in counter.most_common() if c >= min_count and w not in SPECIAL_TOKENS]
+        kept = [(w, c) for w, c in counter.most_common()
+                if c >= min_count and w not in SPECIAL_TOKENS]
         longest = int(np.ceil(np.percentile(lengths, length_percentile)))
         if max_length > 0:
             longest = min(longest, max_length)
@@ -87,3 +91,47 @@ class Vocabulary:
                        max_length=int(data["max_length"]), settings=dict(data["settings"]))
         except (KeyError, TypeError) as error:
             raise CaptionerError(f"{path}: not a captioner vocabulary ({error})") from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_vocab(cfg: Config) -> Path:
+    """The tokenizer stage: train-split captions of cfg.captions_csv -> cfg.vocab_json.
+
+    Reused while the settings and the captions it came from (their sha256) are unchanged.
+    """
+    from captioner.data import read_split
+
+    if not cfg.captions_csv.is_file():
+        raise CaptionerError(f"{cfg.captions_csv}: not found; run `captioner clean` first")
+    tok = cfg.tokenizer
+    settings = {"min_count": tok.min_count, "max_length": tok.max_length,
+                "length_percentile": tok.length_percentile, "format": VOCAB_FORMAT,
+                "captions_sha256": _file_sha256(cfg.captions_csv)}
+    if cfg.vocab_json.is_file():
+        try:
+            if Vocabulary.load(cfg.vocab_json).settings == settings:
+                log(f"reusing {cfg.vocab_json}")
+                return cfg.vocab_json
+        except CaptionerError as error:
+            log(f"rebuilding: {error}")
+    if tok.min_count < 1 or not 0 < tok.length_percentile <= 100 or tok.max_length < 0:
+        raise CaptionerError("tokenizer settings: need min_count >= 1, 0 < length_percentile "
+                             "<= 100 and max_length >= 0; fix the config or --set values")
+    captions = read_split(cfg, "train")["caption"]
+    if captions.empty:
+        raise CaptionerError(f"{cfg.captions_csv}: no captions in the train split; "
+                             "run `captioner clean` with another --split")
+    vocab = Vocabulary.from_captions(captions, tok.min_count, tok.max_length,
+                                     tok.length_percentile)
+    vocab = dataclasses.replace(vocab, settings=settings)
+    write_json(cfg.vocab_json, vocab.to_json())
+    log(f"vocabulary: {vocab.size} tokens (words seen >= {tok.min_count} times in "
+        f"{len(captions)} training captions), max_length {vocab.max_length}")
+    return cfg.vocab_json

@@ -1,0 +1,119 @@
+"""The training data: encoded captions of one split, feature statistics, and the tf.data pipeline.
+
+Features stay a memory-mapped array: the dataset carries feature *row numbers* and gathers the
+rows of one batch at a time, so memory does not grow with the number of captions or images.
+TensorFlow is imported inside make_dataset, so the tokenizer stage does not pay for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from captioner.config import Config
+from captioner.errors import CaptionerError
+from captioner.io import log
+from captioner.text import END_ID, START_ID
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+    from captioner.tokenizer import Vocabulary
+
+BUCKET_STEP = 2  # bucket width in tokens: batches pad to within 2 tokens of their longest caption
+
+
+def read_split(cfg: Config, split: str) -> pd.DataFrame:
+    """The `image` and `caption` columns of one split of captions.csv (see data/README.md)."""
+    from captioner.clean import load_captions
+
+    frame, _ = load_captions(cfg)
+    return frame.loc[frame["split"] == split, ["image", "caption"]].reset_index(drop=True)
+
+
+def encode_split(frame: pd.DataFrame, vocab: Vocabulary, row_of: Mapping[str, int],
+                 split: str) -> tuple[np.ndarray, list[list[int]]]:
+    """Feature rows (N,) and encoded captions of a split; captions of images without features
+    (e.g. unreadable images the feature stage skipped) are left out and counted in the log."""
+    rows, captions, missing = [], [], set()
+    for image, caption in zip(frame["image"], frame["caption"], strict=True):
+        row = row_of.get(image)
+        if row is None:
+            missing.add(image)
+            continue
+        rows.append(row)
+        captions.append(vocab.encode(caption))
+    if missing:
+        log(f"{split}: skipped {len(frame) - len(rows)} captions of {len(missing)} images "
+            f"that have no feature row (e.g. {sorted(missing)[0]})")
+    return np.asarray(rows, dtype=np.int64), captions
+
+
+def feature_stats(features: np.ndarray, rows: np.ndarray,
+                  chunk_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance (D,) of the given rows, read in chunks: a memmap is never loaded whole."""
+    unique = np.unique(rows)  # sorted: reads the memmap front to back
+    if unique.size == 0:
+        raise CaptionerError("no training features to compute statistics from")
+    total = np.zeros(features.shape[1], np.float64)
+    total_sq = np.zeros(features.shape[1], np.float64)
+    for start in range(0, unique.size, chunk_size):
+        chunk = np.asarray(features[unique[start:start + chunk_size]], dtype=np.float64)  # (c, D)
+        total += chunk.sum(axis=0)
+        total_sq += np.square(chunk).sum(axis=0)
+    mean = total / unique.size
+    variance = np.maximum(total_sq / unique.size - np.square(mean), 0.0)
+    return mean.astype(np.float32), variance.astype(np.float32)
+
+
+def make_dataset(features: np.ndarray, rows: Sequence[int], captions: Sequence[Sequence[int]],
+                 batch_size: int, shuffle: bool, seed: int, bucket: bool = True,
+                 shuffle_buffer: int = 0) -> tf.data.Dataset:
+    """({"features": (B, D) float32, "tokens": (B, T) int32}, targets (B, T) int32) batches.
+
+    tokens = [<start>, w1..wn], targets = [w1..wn, <end>], both padded with 0 to the longest
+    caption of the batch. With `bucket`, captions of similar length are batched together, so
+    little padding is computed. `shuffle_buffer` 0 shuffles over the whole split.
+    """
+    import tensorflow as tf
+
+    if len(captions) == 0:
+        raise CaptionerError("no captions to train on (none of the split's images has features)")
+    lengths = np.fromiter((len(c) for c in captions), dtype=np.int64, count=len(captions))
+    flat = np.fromiter(itertools.chain.from_iterable(captions), dtype=np.int32,
+                       count=int(lengths.sum()))
+    ragged = tf.RaggedTensor.from_row_lengths(flat, lengths)  # (N, None): no padding stored
+    dataset = tf.data.Dataset.from_tensor_slices((np.asarray(rows, dtype=np.int64), ragged))
+    if shuffle:
+        dataset = dataset.shuffle(shuffle_buffer or len(captions), seed=seed,
+                                  reshuffle_each_iteration=True)
+
+    def add_start_end(row, words):  # words (n,) -> tokens (n+1,), targets (n+1,)
+        return (row, tf.concat([[START_ID], words], 0), tf.concat([words, [END_ID]], 0))
+
+    dataset = dataset.map(add_start_end, num_parallel_calls=tf.data.AUTOTUNE)
+    if bucket:
+        longest = int(lengths.max()) + 1
+        boundaries = list(range(BUCKET_STEP + 1, longest + 1, BUCKET_STEP))
+        dataset = dataset.bucket_by_sequence_length(
+            lambda row, tokens, targets: tf.shape(tokens)[0], boundaries,
+            [batch_size] * (len(boundaries) + 1))
+    else:
+        dataset = dataset.padded_batch(batch_size)  # pads with 0 = <pad>
+
+    dimension = features.shape[1]
+
+    def gather(batch_rows: np.ndarray) -> np.ndarray:  # (B,) -> (B, D), read from the memmap
+        return np.asarray(features[batch_rows], dtype=np.float32)
+
+    def with_features(batch_rows, tokens, targets):
+        batch_features = tf.numpy_function(gather, [batch_rows], tf.float32, stateful=False)
+        batch_features.set_shape((None, dimension))
+        return {"features": batch_features, "tokens": tokens}, targets
+
+    dataset = dataset.map(with_features, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,49 @@
+"""What `train` needs before it starts: the earlier stages, each reusing its finished output.
+
+download -> clean -> features -> tokenizer. A stage whose complete output exists is not run
+again, so a feature cache dropped in from elsewhere (features/<encoder>/ with its meta.json)
+trains without the raw images being present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from captioner.config import Config
+from captioner.io import log
+
+
+def features_finished(features_dir: Path) -> bool:
+    """meta.json is written last by the feature stage: its presence means a complete cache."""
+    return (Path(features_dir) / "meta.json").is_file()
+
+
+def prepare(cfg: Config) -> dict[str, Path]:
+    """Run download, clean, features and tokenizer as needed; return their output paths.
+
+    Keys: "raw", "captions" (captions.csv), "features" (the cache folder), "vocab" (vocab.json).
+    """
+    from captioner import clean, tokenizer  # download and features only when they must run
+
+    captions_json = cfg.captions_csv.with_name("captions.json")
+    have_captions = cfg.captions_csv.is_file() and captions_json.is_file()
+    have_features = features_finished(cfg.features_dir)
+    paths = {"raw": cfg.raw_dir}
+    if not (have_captions and have_features):  # something still has to read the raw data
+        from captioner import download
+
+        paths["raw"] = download.download(cfg)
+    if have_captions and not cfg.raw_dir.is_dir() and not cfg.data.captions:
+        log(f"reusing {cfg.captions_csv} (no raw data to check it against)")
+        paths["captions"] = cfg.captions_csv
+    else:
+        paths["captions"] = clean.clean(cfg)  # reuses captions.csv while its sources match
+    if have_features:
+        log(f"reusing {cfg.features_dir}")
+        paths["features"] = cfg.features_dir
+    else:
+        from captioner import features
+
+        paths["features"] = features.extract(cfg)
+    paths["vocab"] = tokenizer.build_vocab(cfg)
+    return paths

@@ -1,0 +1,265 @@
+"""The train stage: fit the merge model on cached features, in a run directory that can resume.
+
+    runs/<name>/
+      config.json versions.json vocab.json features_meta.json   written before training starts
+      state.json          the commit point, rewritten after every epoch (see below)
+      checkpoints/epoch-NNNN.keras   the last and the best epoch, each with its optimizer state
+      model.keras         a copy of the best checkpoint (lowest validation loss)
+      history.csv         epoch,loss,val_loss, rewritten from state.json
+
+state.json = {"epoch", "epochs", "finished", "best_val_loss", "best_epoch", "wait" (epochs
+without improvement, for early stopping), "checkpoint", "best_checkpoint", "history"}. Every file
+is complete before state.json names it, so after a kill -9 at any moment state.json describes a
+consistent run, and `--resume` continues from the epoch it names with the optimizer it saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from captioner import data, distribute, model, pipeline
+from captioner.config import Config
+from captioner.errors import CaptionerError
+from captioner.io import (
+    atomic_write_bytes,
+    git_commit,
+    library_versions,
+    log,
+    read_json,
+    set_seed,
+    write_json,
+)
+from captioner.tokenizer import Vocabulary
+
+# Settings that decide what a run trains; a --resume with other values would mix two runs.
+RESUME_KEYS = ("seed", "data.dataset", "data.split", "features.encoder", "tokenizer", "model",
+               "train.epochs", "train.batch_size", "train.learning_rate", "train.patience",
+               "train.precision", "train.shuffle_buffer")
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Train in runs/<name>/ (running any missing earlier stage first); return the run dir."""
+    if cfg.train.strategy == "multiworker" and not cfg.train.name:
+        raise CaptionerError("--strategy multiworker needs --name, the same on every worker")
+    chief = distribute.is_chief(cfg.train.strategy)
+    run_dir = _run_dir(cfg, resume)
+    if chief:  # before any long work: a finished run is never overwritten
+        _check_can_start(run_dir, resume)
+    # the strategy before other TF work: a multi-worker strategy must configure the runtime
+    strategy = distribute.make_strategy(cfg.train.strategy)
+    set_seed(cfg.seed)
+    paths = pipeline.prepare(cfg)
+    from captioner.features import load_cache
+
+    cache = load_cache(paths["features"])
+    if chief:
+        state = _open_run(run_dir, cfg, resume, paths)
+    else:  # other workers read the chief's run (to resume) but write nothing
+        state = read_json(run_dir / "state.json") if resume else _initial_state(cfg)
+    if state["finished"]:
+        log(f"{run_dir}: already finished ({state['epoch']} epochs)")
+        return run_dir
+
+    vocab = Vocabulary.load(run_dir / "vocab.json" if chief else paths["vocab"])
+    train_data, dev_data, train_rows = _datasets(cfg, vocab, cache)
+    log(f"vocabulary {vocab.size:,}, features {cache.features.shape[1]}-d, "
+        f"{strategy.num_replicas_in_sync} replica(s); {state['epoch']}/{cfg.train.epochs} "
+        "epochs done")
+    with strategy.scope():
+        if state["checkpoint"]:  # resume: weights, optimizer state and its step count
+            merge_model = keras.saving.load_model(run_dir / state["checkpoint"], safe_mode=True)
+        else:
+            merge_model = _new_model(cfg, cache.features, train_rows, vocab.size)
+    checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, write=chief)
+    if cfg.train.strategy == "multiworker":
+        distribute.fit_multiworker(strategy, merge_model, train_data, dev_data, cfg.train.epochs,
+                                   state["epoch"], checkpoint)
+    else:
+        _fit(merge_model, train_data, dev_data, cfg.train.epochs, state["epoch"], checkpoint)
+    log(f"{run_dir}: best val_loss {state['best_val_loss']:.4f} at epoch {state['best_epoch']}")
+    return run_dir
+
+
+def _fit(merge_model: keras.Model, train_data, dev_data, epochs: int, initial_epoch: int,
+         checkpoint: keras.callbacks.Callback) -> None:
+    """Keras fit with its progress bar on stderr (stdout carries only the result)."""
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        # Bucketed batches have no known count, so Keras finds each epoch's end by running out
+        # of data and warns about it; that end is expected here.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        merge_model.fit(train_data, validation_data=dev_data, epochs=epochs,
+                        initial_epoch=initial_epoch, callbacks=[checkpoint], shuffle=False,
+                        verbose=1 if sys.stderr.isatty() else 2)
+
+
+def _datasets(cfg: Config, vocab: Vocabulary, cache: Any) -> tuple[Any, Any, np.ndarray]:
+    """Training and dev tf.data pipelines, and the training captions' feature rows."""
+    train_rows, train_captions = data.encode_split(data.read_split(cfg, "train"), vocab,
+                                                   cache.row, "train")
+    dev_rows, dev_captions = data.encode_split(data.read_split(cfg, "dev"), vocab, cache.row, "dev")
+    if not dev_captions:
+        raise CaptionerError(f"{cfg.captions_csv}: no dev captions with features; validation "
+                             "and early stopping need a dev split (see --split)")
+    batch = cfg.train.batch_size  # the global batch: split across replicas by tf.distribute
+    train_data = data.make_dataset(cache.features, train_rows, train_captions, batch, shuffle=True,
+                                   seed=cfg.seed, shuffle_buffer=cfg.train.shuffle_buffer)
+    dev_data = data.make_dataset(cache.features, dev_rows, dev_captions, batch, shuffle=False,
+                                 seed=cfg.seed)
+    log(f"training on {len(train_captions):,} captions of {len(np.unique(train_rows)):,} "
+        f"images, validating on {len(dev_captions):,}")
+    return train_data, dev_data, train_rows
+
+
+def _new_model(cfg: Config, features: np.ndarray, train_rows: np.ndarray,
+               vocab_size: int) -> keras.Model:
+    """A compiled merge model; feature statistics only when the model normalises features."""
+    mean = variance = None
+    if cfg.model.normalize_features:
+        mean, variance = data.feature_stats(features, train_rows)
+    merge_model = model.build_model(features.shape[1], vocab_size, cfg.model, mean, variance,
+                                    precision=cfg.train.precision)
+    model.compile_model(merge_model, cfg.train.learning_rate)
+    return merge_model
+
+
+# --- the run directory --------------------------------------------------------------------------
+def _run_dir(cfg: Config, resume: bool) -> Path:
+    """runs/<name>; for --resume without a name, the newest unfinished run of this dataset."""
+    runs_dir = Path(cfg.train.runs_dir)
+    prefix = f"{cfg.data.dataset}-{cfg.features.encoder}-"
+    if cfg.train.name:
+        return runs_dir / cfg.train.name
+    if not resume:
+        return runs_dir / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+    unfinished = [path for path in sorted(runs_dir.glob(prefix + "*"))
+                  if path.is_dir() and not _finished(path)]
+    if not unfinished:
+        raise CaptionerError(f"{runs_dir}: no unfinished run '{prefix}*' to resume; "
+                             "pass --name NAME, or drop --resume to start a new run")
+    return unfinished[-1]
+
+
+def _finished(run_dir: Path) -> bool:
+    state_path = run_dir / "state.json"
+    return state_path.is_file() and bool(read_json(state_path).get("finished"))
+
+
+def _initial_state(cfg: Config) -> dict[str, Any]:
+    return {"epoch": 0, "epochs": cfg.train.epochs, "finished": False, "best_val_loss": None,
+            "best_epoch": 0, "wait": 0, "checkpoint": None, "best_checkpoint": None,
+            "history": []}
+
+
+def _check_can_start(run_dir: Path, resume: bool) -> None:
+    if resume and not run_dir.is_dir():
+        raise CaptionerError(f"{run_dir}: no such run to resume; drop --resume to start it")
+    if not resume and run_dir.exists():
+        raise CaptionerError(f"{run_dir}: a run of this name exists; add --resume to continue "
+                             "it, or choose another --name")
+
+
+def _open_run(run_dir: Path, cfg: Config, resume: bool, paths: dict[str, Path]) -> dict:
+    """Create a new run (state.json last), or check and reopen one for --resume."""
+    state_path = run_dir / "state.json"
+    if resume and state_path.is_file():
+        _check_resumable(run_dir, cfg, paths)
+        state = read_json(state_path)
+        _publish(run_dir, state, copy_best=True)  # finish what a kill may have interrupted
+        return state
+    write_json(run_dir / "config.json", cfg.to_dict())
+    write_json(run_dir / "versions.json", {**library_versions(), "git_commit": git_commit()})
+    write_json(run_dir / "vocab.json", read_json(paths["vocab"]))
+    write_json(run_dir / "features_meta.json", read_json(Path(paths["features"]) / "meta.json"))
+    state = _initial_state(cfg)
+    _publish(run_dir, state, copy_best=False)  # state.json and an empty history.csv
+    log(f"run directory {run_dir}")
+    return state
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _check_resumable(run_dir: Path, cfg: Config, paths: dict[str, Path]) -> None:
+    """The same settings and the same vocabulary and features as when the run started."""
+    saved, now = _flatten(read_json(run_dir / "config.json")), _flatten(cfg.to_dict())
+    for key in sorted(now):
+        if key.startswith(RESUME_KEYS) and saved.get(key) != now[key]:
+            raise CaptionerError(f"{run_dir / 'config.json'}: the run has {key}={saved.get(key)!r}"
+                                 f", this command {now[key]!r}; resume with the run's settings "
+                                 "or start a new run with another --name")
+    inputs = {"vocab.json": paths["vocab"], "features_meta.json": Path(paths["features"]) /
+              "meta.json"}
+    for name, current in inputs.items():
+        if read_json(run_dir / name) != read_json(current):
+            raise CaptionerError(f"{current}: changed since run {run_dir} started (its copy is "
+                                 f"{run_dir / name}); start a new run with another --name")
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """After each epoch: checkpoint, history, best model and early stopping, via state.json."""
+
+    def __init__(self, run_dir: Path, state: dict, patience: int, write: bool = True):
+        super().__init__()
+        self.run_dir, self.state, self.patience, self.write = run_dir, state, patience, write
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs, state = logs or {}, self.state
+        loss, val_loss = float(logs["loss"]), float(logs["val_loss"])
+        state["epoch"] = epoch + 1
+        state["history"].append({"epoch": epoch + 1, "loss": loss, "val_loss": val_loss})
+        state["checkpoint"] = f"checkpoints/epoch-{epoch + 1:04d}.keras"
+        if self.write:
+            _save_atomic(self.model, self.run_dir / state["checkpoint"])
+        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+        if improved:
+            state.update(best_val_loss=val_loss, best_epoch=epoch + 1, wait=0,
+                         best_checkpoint=state["checkpoint"])
+        else:
+            state["wait"] += 1
+        stop = self.patience > 0 and state["wait"] >= self.patience
+        state["finished"] = stop or state["epoch"] >= state["epochs"]
+        if self.write:
+            _publish(self.run_dir, state, copy_best=improved)
+        if stop and not state["epoch"] >= state["epochs"]:
+            log(f"early stopping: val_loss has not improved for {state['wait']} epochs")
+            self.model.stop_training = True
+
+
+def _save_atomic(merge_model: keras.Model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.stem + ".partial.keras")
+    merge_model.save(partial)  # includes the optimizer state, so a resume continues Adam
+    os.replace(partial, path)
+
+
+def _publish(run_dir: Path, state: dict, copy_best: bool) -> None:
+    """Commit state.json, then derive history.csv, model.keras and prune old checkpoints."""
+    write_json(run_dir / "state.json", state)
+    lines = ["epoch,loss,val_loss"] + [f"{row['epoch']},{row['loss']!r},{row['val_loss']!r}"
+                                       for row in state["history"]]
+    atomic_write_bytes(run_dir / "history.csv", ("\n".join(lines) + "\n").encode())
+    if copy_best and state["best_checkpoint"]:
+        partial = run_dir / "model.partial.keras"
+        shutil.copyfile(run_dir / state["best_checkpoint"], partial)
+        os.replace(partial, run_dir / "model.keras")
+    keep = {state["checkpoint"], state["best_checkpoint"]}
+    for path in (run_dir / "checkpoints").glob("*.keras"):
+        if f"checkpoints/{path.name}" not in keep:
+            path.unlink()

@@ -1,0 +1,280 @@
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from tinydata import write_dataset
+
+from captioner import distribute, pipeline, train
+from captioner.cli import main
+from captioner.config import from_dict, load_config
+from captioner.errors import CaptionerError
+from captioner.io import read_json
+from captioner.tokenizer import Vocabulary
+
+SIZES = {"train": 40, "dev": 10}
+TINY = {"model.units": 16, "model.embed_dim": 8, "model.dropout": 0.0, "train.epochs": 2,
+        "train.learning_rate": 0.01,
+        "train.batch_size": 16, "tokenizer.min_count": 2, "train.patience": 0}
+CLI_TINY = [f"--set={key}={value}" for key, value in TINY.items() if key != "train.epochs"]
+
+
+def mini_config(root: Path, **dotted):
+    """A config for dataset "mini" (no download URLs) rooted in `root`."""
+    flags = {"data.data_dir": str(root / "data"), "train.runs_dir": str(root / "runs"), **TINY}
+    return load_config(None, (), dataset="mini", **{**flags, **dotted})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, flickr8k_fixtures):
+    """One tiny run on a hand-made 7-dim feature cache (the last image has no feature row)."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = mini_config(root, **{"train.name": "a", "features.encoder": "handmade"})
+    write_dataset(cfg, flickr8k_fixtures, SIZES, dim=7, drop=1)
+    return cfg, train.train(cfg)
+
+
+def history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow  # trains the `trained` fixture's run
+def test_run_directory_holds_everything_later_stages_need(trained):
+    cfg, run_dir = trained
+    assert run_dir == Path(cfg.train.runs_dir) / "a"
+    assert from_dict(read_json(run_dir / "config.json")) == cfg
+    assert read_json(run_dir / "features_meta.json") == read_json(cfg.features_dir / "meta.json")
+    assert read_json(run_dir / "vocab.json") == read_json(cfg.vocab_json)
+    versions = read_json(run_dir / "versions.json")
+    assert versions["tensorflow"] == tf.__version__ and "git_commit" in versions
+    state = read_json(run_dir / "state.json")
+    assert state["finished"] and state["epoch"] == state["epochs"] == 2
+    rows = history(run_dir)
+    assert list(rows[0]) == ["epoch", "loss", "val_loss"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"])  # it learns
+    assert state["best_val_loss"] == min(float(r["val_loss"]) for r in rows)
+
+    model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
+    vocab = Vocabulary.load(run_dir / "vocab.json")
+    logits = model({"features": np.zeros((3, 7), np.float32),
+                    "tokens": np.ones((3, 5), np.int32)})
+    assert tuple(logits.shape) == (3, 5, vocab.size)
+
+
+@pytest.mark.slow  # trains the `trained` fixture's run
+def test_same_seed_gives_the_same_history(trained, capsys):
+    cfg, run_dir = trained
+    again = train.train(mini_config(Path(cfg.data.data_dir).parent, **{
+        "train.name": "b", "features.encoder": "handmade"}))
+    assert (again / "history.csv").read_text() == (run_dir / "history.csv").read_text()
+    err = capsys.readouterr().err
+    assert "dev: skipped 5 captions of 1 images that have no feature row" in err
+    assert "reusing" in err and "features 7-d" in err
+
+
+@pytest.mark.slow  # trains the `trained` fixture's run
+def test_existing_run_is_never_overwritten(trained):
+    cfg, run_dir = trained
+    before = (run_dir / "history.csv").read_text()
+    result = CliRunner().invoke(main, ["train", "--dataset", "mini", "--data-dir",
+                                       cfg.data.data_dir, "--set", f"train.runs_dir="
+                                       f"{cfg.train.runs_dir}", "--name", "a"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {run_dir}: a run of this name exists; add --resume "
+                                     "to continue it, or choose another --name")
+    assert train.train(cfg, resume=True) == run_dir  # finished: nothing to do
+    with pytest.raises(CaptionerError, match="the run has model.units=16, this command 32"):
+        train.train(mini_config(Path(cfg.data.data_dir).parent, **{
+            "train.name": "a", "features.encoder": "handmade", "model.units": 32}), resume=True)
+    with pytest.raises(CaptionerError, match="no such run to resume"):
+        train.train(mini_config(Path(cfg.data.data_dir).parent, **{
+            "train.name": "nope", "features.encoder": "handmade"}), resume=True)
+    assert (run_dir / "history.csv").read_text() == before
+
+
+def test_early_stopping_best_model_and_checkpoint_pruning(tmp_path):
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="adam", loss="mse")
+    state = train._initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
+    callback = train.RunCheckpoint(tmp_path, state, patience=2)
+    callback.set_model(model)
+    for epoch, val_loss in enumerate([3.0, 2.0, 2.5, 2.1]):
+        model.layers[-1].bias.assign([float(epoch)])  # tells the saved epochs apart
+        callback.on_epoch_end(epoch, {"loss": 1.0, "val_loss": val_loss})
+    assert model.stop_training and state["finished"] and state["wait"] == 2
+    assert state["best_epoch"] == 2 and state["best_val_loss"] == 2.0
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["epoch-0002.keras", "epoch-0004.keras"]
+    best = keras.saving.load_model(tmp_path / "model.keras", compile=False)
+    assert float(best.layers[-1].bias.numpy()[0]) == 1.0
+    assert read_json(tmp_path / "state.json") == state
+    assert [r["val_loss"] for r in history(tmp_path)] == ["3.0", "2.0", "2.5", "2.1"]
+
+
+@pytest.mark.parametrize("tf_config, chief", [
+    (None, True),
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, True),
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, False),
+    ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
+     False),
+    ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     True),
+])
+def test_only_the_chief_writes_the_run(monkeypatch, tf_config, chief):
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config) if tf_config else "")
+    assert distribute.is_chief("multiworker") is chief
+    assert distribute.is_chief("mirrored")
+
+
+def test_unknown_strategy_and_missing_tf_config_are_one_line_errors(monkeypatch):
+    with pytest.raises(CaptionerError, match="train.strategy must be one of"):
+        distribute.make_strategy("tpu")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(CaptionerError, match="TF_CONFIG"):
+        distribute.make_strategy("multiworker")
+
+
+# --- subprocess tests: kill -9 and resume, tf.distribute ------------------------------------------
+def captioner_cli(*args: str, env: dict | None = None, code: str = "") -> subprocess.Popen:
+    """`python -m captioner.cli ARGS` (or `python -c CODE ARGS`), TF_CONFIG only from `env`."""
+    command = [sys.executable, *(["-c", code] if code else ["-m", "captioner.cli"]), *args]
+    environment = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    environment.update({"TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=environment)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_fixtures):
+    cfg = mini_config(tmp_path, **{"features.encoder": "handmade"})
+    write_dataset(cfg, flickr8k_fixtures, SIZES, dim=7)
+    args = ["train", "--dataset", "mini", "--data-dir", cfg.data.data_dir, "--set",
+            f"train.runs_dir={cfg.train.runs_dir}", "--encoder", "handmade", "--name", "k",
+            "--epochs", "4", *CLI_TINY]
+    run_dir = Path(cfg.train.runs_dir) / "k"
+    process = captioner_cli(*args)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "history.csv").exists() or not history(run_dir):  # epoch 1 committed
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = history(run_dir)
+    assert 1 <= len(before) < 4
+
+    resumed = captioner_cli(*args, "--resume")
+    out, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err
+    assert out.strip() == str(run_dir)
+    after = history(run_dir)
+    assert [int(r["epoch"]) for r in after] == [1, 2, 3, 4]
+    assert after[: len(before)] == before  # the history continues, it does not restart
+    assert f"{len(before)}/4 epochs done" in err
+    assert read_json(run_dir / "state.json")["finished"]
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def last_losses(stderr: str) -> tuple[float, float]:
+    """(loss, val_loss) of the last epoch in a Keras progress log."""
+    found = re.findall(r"loss: ([0-9.]+) - val_loss: ([0-9.]+)", stderr)
+    assert found, stderr[-2000:]
+    return float(found[-1][0]), float(found[-1][1])
+
+
+def same_run_args(cfg, name: str) -> list[str]:
+    """CLI arguments that repeat the `trained` fixture's run (1 epoch) under another name."""
+    return ["train", "--dataset", "mini", "--data-dir", cfg.data.data_dir, "--set",
+            f"train.runs_dir={cfg.train.runs_dir}", "--encoder", "handmade", "--name", name,
+            "--epochs", "1", *CLI_TINY]  # one epoch: compared with the fixture's first
+
+
+MIRRORED = """import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from captioner.cli import main
+main(sys.argv[1:])
+"""
+
+
+def epoch_losses(run_dir: Path, epoch: int) -> tuple[float, float]:
+    """(loss, val_loss) of one epoch of a run, from its history.csv."""
+    row = history(run_dir)[epoch - 1]
+    return float(row["loss"]), float(row["val_loss"])
+
+
+@pytest.mark.slow
+def test_mirrored_over_two_cpus_reaches_the_single_device_loss(trained):
+    cfg, _ = trained
+    mirrored = captioner_cli(*same_run_args(cfg, "m"), "--strategy", "mirrored", code=MIRRORED)
+    out, err = mirrored.communicate(timeout=300)
+    assert mirrored.returncode == 0, err[-2000:]
+    assert "2 replica(s)" in err
+    assert last_losses(err) == pytest.approx(epoch_losses(trained[1], 1), rel=0.02)
+    assert epoch_losses(Path(out.strip()), 1) == pytest.approx(last_losses(err), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_two_local_workers_reach_the_single_device_loss(trained):
+    cfg, _ = trained
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = [captioner_cli(*same_run_args(cfg, "mw"), "--strategy", "multiworker", env={
+        "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+        for i in range(2)]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-2000:]
+        assert "2 replica(s)" in err
+        assert last_losses(err) == pytest.approx(epoch_losses(trained[1], 1), rel=0.02)
+    run_dir = Path(cfg.train.runs_dir) / "mw"
+    assert outputs[0][0].strip() == outputs[1][0].strip() == str(run_dir)
+    assert len(history(run_dir)) == 1  # written by the chief
+    assert epoch_losses(run_dir, 1) == pytest.approx(last_losses(outputs[1][1]), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_train_runs_every_missing_stage_on_a_tiny_demo_dataset(tmp_path, capsys):
+    args = ["train", "--dataset", "demo", "--data-dir", str(tmp_path / "data"), "--set",
+            f"train.runs_dir={tmp_path / 'runs'}", "--encoder", "mobilenetv3small",
+            "--weights", "none", "--epochs", "2", "--set", "demo.train_images=40", "--set",
+            "demo.dev_images=10", "--set", "demo.test_images=5", "--set", "demo.image_size=64",
+            *CLI_TINY]
+    first = CliRunner().invoke(main, [*args, "--name", "demo1"])
+    assert first.exit_code == 0, first.output
+    run_dir = tmp_path / "runs" / "demo1"
+    assert first.stdout.strip() == str(run_dir)
+    dataset = tmp_path / "data" / "demo"
+    meta = read_json(dataset / "features" / "mobilenetv3small" / "meta.json")
+    assert meta["count"] == 55 and read_json(run_dir / "features_meta.json") == meta
+    assert [int(r["epoch"]) for r in history(run_dir)] == [1, 2]
+    assert read_json(run_dir / "state.json")["finished"]
+
+    cfg = from_dict(read_json(run_dir / "config.json"))
+    capsys.readouterr()
+    assert pipeline.prepare(cfg)["features"] == dataset / "features" / "mobilenetv3small"
+    err = capsys.readouterr().err
+    for output in ("captions.csv", "features/mobilenetv3small", "vocab.json"):
+        assert f"reusing {dataset / output}" in err  # every stage's output is reused

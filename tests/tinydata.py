@@ -1,0 +1,68 @@
+"""Tiny datasets in the documented on-disk formats, built from the real Flickr8k caption fixtures.
+
+Used by test_tokenizer/test_data/test_train: captions.csv + captions.json as `captioner clean`
+writes them and a features/<encoder>/ cache (features.npy, ids.txt, meta.json) as a hand-made
+cache dropped in from another model would be.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from captioner.config import Config
+from captioner.text import normalize
+
+SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
+               "test": "Flickr_8k.testImages.txt"}
+
+
+def fixture_captions(fixtures: Path) -> dict[str, list[str]]:
+    """{image: [raw captions]} from the real Flickr8k.token.txt."""
+    captions: dict[str, list[str]] = {}
+    text = (fixtures / "Flickr8k_text" / "Flickr8k.token.txt").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        key, raw = line.split("\t", 1)
+        captions.setdefault(key.rsplit("#", 1)[0], []).append(raw)
+    return captions
+
+
+def write_captions(cfg: Config, fixtures: Path, sizes: dict[str, int]) -> pd.DataFrame:
+    """captions.csv/json with the first sizes[split] images of each official split."""
+    captions = fixture_captions(fixtures)
+    rows = []
+    for split, count in sizes.items():
+        names = (fixtures / "Flickr8k_text" / SPLIT_FILES[split]).read_text().split()[:count]
+        rows += [(name, split, normalize(raw), raw) for name in names for raw in captions[name]]
+    frame = pd.DataFrame(rows, columns=["image", "split", "caption", "raw"])
+    cfg.dataset_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(cfg.captions_csv, index=False)
+    meta = {"format": "flickr8k", "split": "official", "seed": cfg.seed,
+            "images_dir": "raw/Flicker8k_Dataset", "counts": {"captions": len(frame)}}
+    cfg.captions_csv.with_name("captions.json").write_text(json.dumps(meta))
+    return frame
+
+
+def write_features(features_dir: Path, ids: list[str], dim: int, seed: int = 0) -> np.ndarray:
+    """A feature cache of random (N, dim) float32 rows, one per id; meta.json written last."""
+    features = np.random.default_rng(seed).normal(size=(len(ids), dim)).astype(np.float32)
+    features_dir.mkdir(parents=True, exist_ok=True)
+    np.save(features_dir / "features.npy", features)
+    (features_dir / "ids.txt").write_text("".join(f"{name}\n" for name in ids))
+    (features_dir / "bad_images.txt").write_text("")
+    meta = {"encoder": features_dir.name, "weights": "hand-made", "dim": dim, "count": len(ids),
+            "dtype": "float32"}
+    (features_dir / "meta.json").write_text(json.dumps(meta))
+    return features
+
+
+def write_dataset(cfg: Config, fixtures: Path, sizes: dict[str, int], dim: int = 7,
+                  drop: int = 0) -> pd.DataFrame:
+    """captions + a feature cache for cfg.features.encoder; the last `drop` images get no row."""
+    frame = write_captions(cfg, fixtures, sizes)
+    ids = list(dict.fromkeys(frame["image"]))
+    write_features(cfg.features_dir, ids[: len(ids) - drop], dim, seed=cfg.seed)
+    return frame
