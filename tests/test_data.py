@@ -89,6 +89,18 @@ def test_feature_stats_in_chunks_match_numpy(memmap):
     assert mean.dtype == np.float32 and mean.shape == (5,)
 
 
+def test_feature_stats_floor_dead_dimensions():
+    """A dimension that is zero on every training image must not explode on another image."""
+    rng = np.random.default_rng(0)
+    features = rng.random((10, 4)).astype(np.float32)
+    features[:, 2] = 0.0  # dead on all training rows
+    mean, variance = data.feature_stats(features, np.arange(10))
+    expected = data.VARIANCE_FLOOR * features.astype(np.float64).var(axis=0).mean()
+    assert variance[2] == pytest.approx(expected, rel=1e-4)
+    standardised = (0.5 - mean[2]) / np.sqrt(variance[2])  # the unit fires on a new image
+    assert standardised < 100
+
+
 def test_encode_split_skips_captions_without_features(tiny_config, flickr8k_fixtures, capsys):
     cfg = tiny_config("mini")
     frame = write_dataset(cfg, flickr8k_fixtures, {"train": 6, "dev": 2}, dim=7, drop=2)

@@ -1,0 +1,262 @@
+"""Greedy and beam-search decoding, batched over images and beams, compiled with tf.function.
+
+Both decoders step the RNN state one token at a time with model.hidden_step (no re-running of
+the prefix per word) inside one compiled loop per batch of images. They stop at <end> or after
+`max_length` words, whichever comes first, and stop early once every caption (or beam) has
+ended. Padding, <start> and <unk> can never be emitted: the hidden vector is projected onto the
+columns of <end> and the words only, so their logits are never even computed.
+
+Beam search keeps `beam` hypotheses per image in one (images * beam) batch. A finished hypothesis
+stays in its slot and may only be extended by padding at no cost, so finished and live hypotheses
+compete for the slots and "every beam ended early" needs no special case. Hypotheses are ranked
+by log-probability / length**length_penalty (0 = plain log-probability; length counts the words
+and the <end> token). `no_repeat_ngram=n` forbids any word that would repeat an n-gram already
+in the hypothesis.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from captioner.model import hidden_step, image_vector, initial_state
+from captioner.text import END_ID, PAD_ID, START_ID, UNK_ID
+
+NEVER_EMIT = (PAD_ID, UNK_ID, START_ID)  # ids 0, 1, 2 (text.py): all below <end>, so
+FIRST_ALLOWED = END_ID  # <end> (3) and the words (4...) are the ids a caption may contain
+MASKED = -1e9  # finite, so masked scores never produce inf - inf = nan
+XLA = False  # jit_compile: measured no faster on CPU here (BENCHMARKS.md)
+BLOCK = 64  # columns per block in _top_k
+BATCH_SIZE = 1000  # images per compiled call: bounds memory at (batch * beam, vocab) floats
+
+# Compiled decoders per model and settings; weak keys so a dropped model frees its graphs.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def greedy(model: keras.Model, features: np.ndarray, max_length: int,
+           batch_size: int = BATCH_SIZE) -> list[list[int]]:
+    """Most probable next word at every step. features (N, D) -> N lists of word ids."""
+    run = _compiled(model, ("greedy", max_length), lambda: _greedy_loop(model, max_length))
+    return _decode_batches(run, features, batch_size)
+
+
+def beam_search(model: keras.Model, features: np.ndarray, max_length: int, beam: int = 3,
+                length_penalty: float = 0.0, no_repeat_ngram: int = 0,
+                batch_size: int = BATCH_SIZE) -> list[list[int]]:
+    """Best of `beam` hypotheses per image. features (N, D) -> N lists of word ids."""
+    if beam < 1:
+        raise ValueError(f"beam width must be at least 1, got {beam}")
+    key = ("beam", max_length, beam, float(length_penalty), no_repeat_ngram)
+    run = _compiled(model, key, lambda: _beam_loop(model, max_length, beam, length_penalty,
+                                                   no_repeat_ngram))
+    return _decode_batches(run, features, max(1, batch_size // beam))
+
+
+def decode(model: keras.Model, features: np.ndarray, max_length: int, beam: int = 1,
+           length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> list[list[int]]:
+    """Greedy when beam == 1 and nothing is blocked, else beam search."""
+    if beam == 1 and no_repeat_ngram == 0:
+        return greedy(model, features, max_length)
+    return beam_search(model, features, max_length, beam, length_penalty, no_repeat_ngram)
+
+
+# --- shared pieces -----------------------------------------------------------------------------
+
+
+def _compiled(model: keras.Model, key: tuple, build: Callable[[], Callable]) -> Callable:
+    """One traced function per model and settings, reused across calls and batch sizes."""
+    per_model = _COMPILED.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = build()
+    return per_model[key]
+
+
+def _decode_batches(run: Callable, features: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Run the compiled loop over slices of `features`; cut every row at its first <end>/pad.
+
+    Slices are of (nearly) equal size: every new batch size costs a trace and an XLA compile.
+    """
+    results: list[list[int]] = []
+    if len(features) == 0:
+        return results
+    n_slices = -(-len(features) // batch_size)
+    for rows in np.array_split(np.arange(len(features)), n_slices):
+        chunk = np.asarray(features[rows[0]:rows[-1] + 1], dtype=np.float32)  # (B, D)
+        with warnings.catch_warnings():
+            # Tracing feeds one embedded token (mask_zero) to the LSTM cell, which warns that it
+            # drops the mask; a single token has nothing to mask.
+            warnings.filterwarnings("ignore", "Layer 'lstm_cell'.*does not support masking")
+            tokens = run(tf.constant(chunk)).numpy()  # (B, max_length)
+        results.extend(_until_end(row) for row in tokens)
+    return results
+
+
+def _until_end(row: np.ndarray) -> list[int]:
+    words = []
+    for token in row.tolist():
+        if token in (END_ID, PAD_ID):
+            break
+        words.append(token)
+    return words
+
+
+def _vocab_size(model: keras.Model) -> int:
+    return int(model.get_layer("logits").units)
+
+
+def _allowed_projection(model: keras.Model) -> tuple[tf.Tensor, tf.Tensor]:
+    """The `logits` layer restricted to the ids a caption may contain, <end> and the words.
+
+    -> kernel (U, A), bias (A,) with A = V - 3 rounded up to a multiple of BLOCK; the padding
+    columns have bias 2 * MASKED, below any real column even when n-gram blocking masked it, so
+    they are never chosen. Column a is id a + FIRST_ALLOWED. Projecting onto these columns masks
+    <pad>, <unk> and <start> for free and lets _top_k reshape the logits into blocks.
+    """
+    layer = model.get_layer("logits")
+    kernel = tf.convert_to_tensor(layer.kernel)[:, FIRST_ALLOWED:]
+    bias = tf.convert_to_tensor(layer.bias)[FIRST_ALLOWED:]
+    padding = -kernel.shape[1] % BLOCK
+    return (tf.pad(kernel, [[0, 0], [0, padding]]),
+            tf.pad(bias, [[0, padding]], constant_values=2 * MASKED))
+
+
+def _top_k(logits, k: int):
+    """Exact top-k of each row of (R, A) logits, faster on CPU than tf.math.top_k over A.
+
+    The k largest values lie in the k blocks (of BLOCK columns) with the largest maxima, so take
+    the block maxima (R, A / BLOCK), the best k blocks, and top-k over their R x k x BLOCK values.
+    """
+    rows, width = tf.shape(logits)[0], logits.shape[1]
+    blocks = tf.reshape(logits, [rows, width // BLOCK, BLOCK])
+    k_blocks = min(k, width // BLOCK)
+    _, best_blocks = tf.math.top_k(tf.reduce_max(blocks, axis=-1), k=k_blocks)  # (R, kb)
+    candidates = tf.gather(blocks, best_blocks, batch_dims=1)  # (R, kb, BLOCK)
+    values, position = tf.math.top_k(tf.reshape(candidates, [rows, k_blocks * BLOCK]), k=k)
+    block = tf.gather(best_blocks, position // BLOCK, batch_dims=1)
+    return values, block * BLOCK + position % BLOCK  # (R, k) values and columns
+
+
+@tf.function(jit_compile=True)
+def _log_normaliser(logits):
+    """log(sum(exp(logits))) per row, (R, A) -> (R, 1). XLA fuses max, exp and sum into one pass
+    over the logits, about twice as fast as the separate TF ops."""
+    return tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
+
+
+# --- greedy ------------------------------------------------------------------------------------
+
+
+def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=XLA)
+    def run(features):
+        batch = tf.shape(features)[0]
+        kernel, bias = _allowed_projection(model)  # (U, A), (A,)
+        image = image_vector(model, features)  # (B, U)
+        state = initial_state(model, batch)
+        token = tf.fill([batch], START_ID)
+        done = tf.zeros([batch], tf.bool)
+        output = tf.zeros([max_length, batch], tf.int32)  # time-major so each step writes a row
+        for t in tf.range(max_length):
+            hidden, state = hidden_step(model, image, token, state)  # (B, U)
+            logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B, A)
+            token = tf.argmax(logits, axis=-1, output_type=tf.int32) + FIRST_ALLOWED
+            token = tf.where(done, PAD_ID, token)  # (B,)
+            output = tf.tensor_scatter_nd_update(output, [[t]], token[None])
+            done = done | (token == END_ID)
+            if tf.reduce_all(done):
+                break
+        return tf.transpose(output)  # (B, max_length)
+
+    return run
+
+
+# --- beam search -------------------------------------------------------------------------------
+
+
+def _beam_loop(model: keras.Model, max_length: int, beam: int, length_penalty: float,
+               no_repeat_ngram: int) -> Callable:
+    # Only a hypothesis's own best `per_row` words can enter the next beam: its rank is monotone
+    # in the word's log-probability. So top-k per row first, then over (B, K * per_row).
+    per_row = min(beam, _vocab_size(model) - FIRST_ALLOWED)
+    # A finished hypothesis has one continuation, padding at no cost: (per_row,)
+    finished_logp = tf.constant([0.0] + [MASKED] * (per_row - 1))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=XLA)
+    def run(features):
+        batch = tf.shape(features)[0]
+        rows = batch * beam  # hypotheses are rows b * beam + k
+        kernel, bias = _allowed_projection(model)  # (U, A), (A,)
+        image = tf.repeat(image_vector(model, features), beam, axis=0)  # (B*K, U)
+        state = initial_state(model, rows)
+        token = tf.fill([rows], START_ID)
+        # Only hypothesis 0 is alive at first, so the first step does not pick K copies of it.
+        scores = tf.tile(tf.constant([[0.0] + [MASKED] * (beam - 1)]), [batch, 1])  # (B, K)
+        lengths = tf.zeros([batch, beam])  # tokens scored, including <end>
+        done = tf.zeros([batch, beam], tf.bool)
+        sequences = tf.zeros([rows, max_length], tf.int32)
+        for t in tf.range(max_length):
+            hidden, state = hidden_step(model, image, token, state)  # (B*K, U)
+            logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B*K, A)
+            if no_repeat_ngram > 0:
+                logits += _repeated_ngram_mask(sequences, t, no_repeat_ngram, logits.shape[1])
+            top_logits, top_ids = _top_k(logits, per_row)  # (B*K, P)
+            # log-probabilities over the allowed ids: logit - log(sum(exp(logits)))
+            top_logp = top_logits - _log_normaliser(logits)  # (B*K, P) - (B*K, 1)
+            flat_done = tf.reshape(done, [rows, 1])
+            top_logp = tf.where(flat_done, finished_logp, top_logp)
+            top_ids = tf.where(flat_done, PAD_ID, top_ids + FIRST_ALLOWED)
+
+            candidate = scores[:, :, None] + tf.reshape(top_logp, [batch, beam, per_row])
+            candidate_length = tf.where(done, lengths, tf.cast(t + 1, tf.float32))  # (B, K)
+            rank = candidate
+            if length_penalty:
+                rank = candidate / candidate_length[:, :, None] ** length_penalty
+            _, best = tf.math.top_k(tf.reshape(rank, [batch, beam * per_row]), k=beam)  # (B, K)
+            origin = best // per_row  # which hypothesis each new one extends
+            new_token = tf.gather(tf.reshape(top_ids, [batch, -1]), best, batch_dims=1)  # (B, K)
+
+            scores = tf.gather(tf.reshape(candidate, [batch, -1]), best, batch_dims=1)
+            lengths = tf.gather(candidate_length, origin, batch_dims=1)
+            done = tf.gather(done, origin, batch_dims=1) | (new_token == END_ID)
+            parent = tf.reshape(origin + tf.range(batch)[:, None] * beam, [rows])  # (B*K,)
+            state = [tf.gather(s, parent) for s in state]
+            token = tf.reshape(new_token, [rows])
+            sequences = tf.gather(sequences, parent)
+            sequences = tf.tensor_scatter_nd_update(
+                sequences, tf.stack([tf.range(rows), tf.fill([rows], t)], axis=1), token)
+            if tf.reduce_all(done):
+                break
+        # top_k sorted every image's hypotheses by rank, so hypothesis 0 is the best one.
+        return tf.reshape(sequences, [batch, beam, max_length])[:, 0]  # (B, max_length)
+
+    return run
+
+
+def _repeated_ngram_mask(sequences, t, n: int, width: int):
+    """(B*K, A) MASKED on the columns of words that would repeat an n-gram of the hypothesis.
+
+    sequences (B*K, T) holds the t ids chosen so far. A word w is blocked when the last n-1
+    words followed by w occur earlier: for every start j with j + n - 1 < t, compare
+    sequences[:, j:j+n-1] with the last n-1 words and, on a match, block sequences[:, j+n-1].
+    """
+    rows, length = tf.shape(sequences)[0], sequences.shape[1]
+    starts = length - n + 1
+    if starts <= 0:
+        return tf.zeros([rows, width])
+    windows = tf.stack([sequences[:, i:i + starts] for i in range(n)], axis=-1)  # (R, S, n)
+    last = tf.gather(sequences, tf.maximum(t - n + 1, 0) + tf.range(n - 1), axis=1)  # (R, n-1)
+    match = tf.reduce_all(windows[:, :, :-1] == last[:, None, :], axis=-1)  # (R, S)
+    following = windows[:, :, -1]  # (R, S) the id after each window
+    # Finished hypotheses hold <pad> after <end>: no column to block (and they pad anyway).
+    match &= (tf.range(starts) + n - 1 < t)[None, :] & (following >= FIRST_ALLOWED)
+    # Scatter-min MASKED onto (row, column of the next word) for matches, 0 otherwise.
+    row_ids = tf.broadcast_to(tf.range(rows)[:, None], tf.shape(match))
+    column = tf.maximum(following - FIRST_ALLOWED, 0)
+    indices = tf.reshape(tf.stack([row_ids, column], axis=-1), [-1, 2])
+    updates = tf.reshape(tf.where(match, MASKED, 0.0), [-1])
+    return tf.tensor_scatter_nd_min(tf.zeros([rows, width]), indices, updates)
