@@ -127,7 +127,7 @@ def clean(split: str | None, fmt: str | None, captions: str | None, images: str 
 @click.option("--weights", default=None, help="imagenet, none, or a local .h5 file.")
 @click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
-@click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (1..N).")
+@click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (0..N-1).")
 @click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
 @_fail_cleanly
 def features(encoder: str | None, weights: str | None, batch_size: int | None,

@@ -1,0 +1,243 @@
+"""Image encoders: a small registry over keras.applications and the image decoding they share.
+
+Decoding reproduces the reference approach's `keras.utils.load_img(path, target_size=(224, 224))`
+exactly (Pillow: open, convert to RGB, resize with NEAREST), so a feature computed here equals the
+reference's for the same weights. It runs in Pillow inside a parallel tf.data map (Pillow releases
+the GIL while decoding), batches feed one compiled inference function, and unreadable files are
+reported as (path, reason) instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+from captioner.errors import CaptionerError
+
+KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+# Pillow only warns between 1x and 2x its pixel limit (and refuses above): load_image refuses
+# both and reports it as one line, so the warning itself would be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One keras.applications network cut where its image vector is."""
+
+    name: str
+    application: str  # constructor in keras.applications
+    module: str  # keras.applications submodule holding its preprocess_input
+    output: str  # a layer name of the full network (e.g. "fc2"), or "avg" = pooled trunk
+    dim: int
+    weights_url: str  # where Keras fetches the ImageNet weights (for the offline hint)
+    size: int = 224
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    spec.name: spec
+    for spec in (
+        EncoderSpec("vgg16", "VGG16", "vgg16", "fc2", 4096,
+                    KERAS_WEIGHTS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5"),
+        EncoderSpec("resnet50", "ResNet50", "resnet50", "avg", 2048,
+                    KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        EncoderSpec("efficientnetb0", "EfficientNetB0", "efficientnet", "avg", 1280,
+                    "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5"),
+        # Small and fast (~0.1 GFLOP per image): quick experiments and tests.
+        EncoderSpec("mobilenetv3small", "MobileNetV3Small", "mobilenet_v3", "avg", 576,
+                    KERAS_WEIGHTS
+                    + "mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+    )
+}
+
+
+class BadImage(Exception):
+    """A file that cannot be turned into an RGB image; the message is the reason."""
+
+
+def load_image(path: str | Path, size: int = 224) -> np.ndarray:
+    """(size, size, 3) uint8 RGB, pixel-identical to keras.utils.load_img(target_size=(size, size)).
+
+    Like load_img: no EXIF rotation, alpha dropped, NEAREST resize. Unlike it, 16-bit images are
+    scaled to 8 bits (Pillow's convert would clip them to white). Raises BadImage.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadImage("missing: no such file") from None
+    except OSError as error:
+        raise BadImage(f"unreadable: {error.strerror or error}") from None
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    too_large = BadImage(f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels; "
+                         "resize it or raise PIL.Image.MAX_IMAGE_PIXELS")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            raise too_large
+        image.load()
+    except UnidentifiedImageError:
+        raise BadImage("not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_large from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadImage(f"cannot decode ({str(error).splitlines()[0]})") from None
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit greyscale: keep the top 8 bits.
+        pixels = np.asarray(image).astype(np.uint32) >> 8
+        image = Image.fromarray(np.minimum(pixels, 255).astype(np.uint8), "L")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.NEAREST)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def resolve_precision(precision: str) -> str:
+    """Resolve "auto": bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 CPU, GPU sm80+),
+    else float32. Explicit float32 / bfloat16 pass through."""
+    if precision in ("float32", "bfloat16"):
+        return precision
+    if precision != "auto":
+        raise CaptionerError(f"features.precision: unknown value '{precision}'; "
+                             "use auto, float32 or bfloat16")
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+        return "bfloat16" if capability and capability >= (8, 0) else "float32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+
+
+class Encoder:
+    """A built network plus the decode -> preprocess -> infer pipeline around it."""
+
+    def __init__(self, spec: EncoderSpec, model: keras.Model, weights: str, precision: str,
+                 seed: int) -> None:
+        self.spec, self.model = spec, model
+        self.name, self.dim, self.size = spec.name, spec.dim, spec.size
+        self.weights, self.precision, self.seed = weights, precision, seed
+        self._preprocess = getattr(keras.applications, spec.module).preprocess_input
+        # One trace for every batch size (the last batch of a chunk is often shorter).
+        signature = [tf.TensorSpec((None, spec.size, spec.size, 3), tf.uint8)]
+        self._infer = tf.function(self._forward, input_signature=signature)
+
+    def _forward(self, images: tf.Tensor) -> tf.Tensor:
+        # (B, H, W, 3) uint8 -> (B, D) float32, whatever the compute dtype.
+        pixels = self._preprocess(tf.cast(images, tf.float32))
+        return tf.cast(self.model(pixels, training=False), tf.float32)
+
+    def _dataset(self, groups: Sequence[Sequence[str]], batch_size: int) -> tf.data.Dataset:
+        """Batches of (images (B, H, W, 3) uint8, reasons (B,) string; b"" = decoded fine).
+
+        Batches never span two groups, so a group is batched the same way whatever is around it
+        (a resumed chunk gives bit-identical features)."""
+        size = self.size
+
+        def decode(path: bytes) -> tuple[np.ndarray, bytes]:
+            try:
+                return load_image(path.decode(), size), b""
+            except BadImage as error:
+                return np.zeros((size, size, 3), np.uint8), str(error).encode()
+
+        def decode_op(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            image, reason = tf.numpy_function(decode, [path], [tf.uint8, tf.string],
+                                              stateful=False)
+            return tf.ensure_shape(image, (size, size, 3)), tf.ensure_shape(reason, ())
+
+        paths = tf.constant([str(path) for group in groups for path in group] or [""])
+        lengths = np.array([len(group) for group in groups], np.int64)
+        starts = tf.constant(np.cumsum(lengths) - lengths, tf.int64)
+        ends = tf.constant(np.cumsum(lengths), tf.int64)
+
+        def group_batches(index: tf.Tensor) -> tf.data.Dataset:
+            return (tf.data.Dataset.from_tensor_slices(paths[starts[index]:ends[index]])
+                    .map(decode_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                    .batch(batch_size))
+
+        return (tf.data.Dataset.range(len(groups)).flat_map(group_batches)
+                .prefetch(tf.data.AUTOTUNE))
+
+    def encode_groups(self, groups: Sequence[Sequence[str]], batch_size: int = 16
+                      ) -> Iterator[tuple[int, np.ndarray, list[str], list[tuple[str, str]]]]:
+        """Per batch: (group index, features (n_ok, D) float32, ok paths, [(path, reason)])."""
+        order = [(index, path) for index, group in enumerate(groups) for path in group]
+        done = 0
+        for images, reasons in self._dataset(groups, batch_size):
+            features = self._infer(images).numpy()  # (B, D); rows of failed images are dropped
+            batch = order[done:done + len(features)]
+            done += len(features)
+            reasons = [reason.decode() for reason in reasons.numpy()]
+            ok = [i for i, reason in enumerate(reasons) if not reason]
+            yield (batch[0][0], features[ok], [batch[i][1] for i in ok],
+                   [(path, reason) for (_, path), reason in zip(batch, reasons, strict=True)
+                    if reason])
+
+    def encode_files(self, paths: Sequence[str | Path], batch_size: int = 16
+                     ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+        """(features (n_ok, D) float32, ok paths, [(path, reason)]) for image files."""
+        parts, ok_paths, failures = [np.zeros((0, self.dim), np.float32)], [], []
+        for _, features, ok, failed in self.encode_groups([[str(p) for p in paths]], batch_size):
+            parts.append(features)
+            ok_paths += ok
+            failures += failed
+        return np.concatenate(parts), ok_paths, failures
+
+
+def _build_network(spec: EncoderSpec, weights: str | None) -> keras.Model:
+    application = getattr(keras.applications, spec.application)
+    if spec.output == "avg":
+        return application(weights=weights, include_top=False, pooling="avg",
+                           input_shape=(spec.size, spec.size, 3))
+    network = application(weights=weights, input_shape=(spec.size, spec.size, 3))
+    return keras.Model(network.inputs, network.get_layer(spec.output).output, name=spec.name)
+
+
+def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 0) -> Encoder:
+    """Encoder `name` with weights "imagenet" (fetched by Keras once), "none" (random, seeded by
+    `seed`) or a local .h5 / .weights.h5 file; precision auto | float32 | bfloat16.
+
+    Building takes seconds, so the last two encoders built are kept and returned again."""
+    if name not in ENCODERS:
+        raise CaptionerError(f"features.encoder: unknown encoder '{name}'; "
+                             f"choose one of {', '.join(ENCODERS)}")
+    stamp = None
+    if weights not in ("imagenet", "none"):
+        weights = str(Path(weights).expanduser().resolve())
+        if not Path(weights).is_file():
+            raise CaptionerError(f"{weights}: weights file not found; pass --weights imagenet, "
+                                 "none, or an existing .h5 file")
+        stamp = Path(weights).stat().st_mtime_ns  # a rewritten file is a new encoder
+    return _build(name, weights, resolve_precision(precision), seed, stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _build(name: str, weights: str, precision: str, seed: int, stamp: int | None) -> Encoder:
+    spec = ENCODERS[name]
+    keras.utils.set_random_seed(seed)  # the "none" weights are a function of the seed
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        model = _build_network(spec, None if weights == "none" else weights)
+    except Exception as error:  # Keras raises bare Exception for failed downloads
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if weights == "imagenet":
+            raise CaptionerError(
+                f"{name}: could not download the ImageNet weights ({reason}); download "
+                f"{spec.weights_url} yourself and pass --weights PATH") from None
+        raise CaptionerError(f"{weights}: not {name} weights ({reason}); pass the Keras file "
+                             f"{spec.weights_url.rsplit('/', 1)[-1]}") from None
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return Encoder(spec, model, weights, precision, seed)

@@ -1,0 +1,325 @@
+"""`captioner features`: run an image encoder once over every image and cache the vectors.
+
+DIR/<dataset>/features/<encoder>/ (format in data/README.md):
+  features.npy  (N, D) float32|float16, one row per readable image, np.load(mmap_mode="r")
+  ids.txt       the image file name of each row
+  bad_images.txt  "<image>\t<reason>" for every image that is missing or unreadable
+  meta.json     encoder, weights, dim, count, ...; written last: its presence = finished cache
+
+Work in progress lives in chunks/: one .npy + .json pair per cfg.features.chunk_size images, the
+.json written (atomically) after its .npy, so a killed run redoes at most one chunk. A batch never
+spans two chunks, so a resumed run gives the same array as an uninterrupted one. A sharded run
+(`--shard I/N`, I = 0..N-1 like a worker index) builds the same cache for the I-th contiguous
+block of chunks in shards/I-of-N/; `--merge` concatenates the N finished shards into one cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from captioner.config import Config
+from captioner.errors import CaptionerError
+from captioner.io import atomic_write_bytes, library_versions, log, read_json, write_json
+
+FORMAT = 1
+REQUIRED_META = ("encoder", "dim", "count")
+# Keys that must agree between a finished cache (or unfinished chunks, or shards) and the config.
+SETTINGS = ("encoder", "weights", "seed", "precision", "dtype", "images_sha256")
+
+
+@dataclass(frozen=True)
+class FeatureCache:
+    """A finished cache: features (N, D) memory-mapped, ids[i] = image of row i."""
+
+    path: Path
+    features: np.ndarray
+    ids: list[str]
+    meta: dict[str, Any]
+    row: dict[str, int]
+
+
+def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 0):
+    """See encoders.build_encoder (imported lazily: TensorFlow is slow to import)."""
+    from captioner import encoders
+
+    return encoders.build_encoder(name, weights, precision, seed)
+
+
+def load_cache(features_dir: str | Path) -> FeatureCache:
+    """Open a finished cache; one-line CaptionerError if it is missing, unfinished or corrupt."""
+    folder = Path(features_dir)
+    rerun = f"run `captioner features` (delete {folder} first if it is corrupt)"
+    if not (folder / "meta.json").is_file():
+        state = "unfinished" if (folder / "chunks").is_dir() else "no"
+        raise CaptionerError(f"{folder}: {state} feature cache (no meta.json); {rerun}")
+    meta = read_json(folder / "meta.json")
+    missing = [key for key in REQUIRED_META if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise CaptionerError(f"{folder / 'meta.json'}: missing {', '.join(missing)}; {rerun}")
+    try:
+        features = np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
+        ids = (folder / "ids.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as error:
+        raise CaptionerError(f"{folder}: unreadable cache ({error}); {rerun}") from None
+    if features.ndim != 2 or features.shape != (len(ids), meta["dim"]) or meta["count"] != len(ids):
+        raise CaptionerError(f"{folder}: features.npy is {features.shape}, ids.txt has {len(ids)} "
+                             f"lines, meta.json says {meta['count']} x {meta['dim']}; {rerun}")
+    row = {name: index for index, name in enumerate(ids)}
+    if len(row) != len(ids):
+        raise CaptionerError(f"{folder / 'ids.txt'}: an image is listed twice; {rerun}")
+    return FeatureCache(folder, features, ids, meta, row)
+
+
+# --- settings and image list ----------------------------------------------------------------------
+def _image_list(cfg: Config) -> tuple[list[str], Path]:
+    """Unique image names from captions.csv in file order, and the folder holding them."""
+    from captioner.clean import load_captions
+
+    frame, images_dir = load_captions(cfg)
+    return list(dict.fromkeys(frame["image"])), images_dir
+
+
+def _digest(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def _settings(cfg: Config, names: list[str]) -> dict[str, Any]:
+    """What decides the numbers in a cache (precision may still be "auto" = any)."""
+    weights = cfg.features.weights
+    if weights not in ("imagenet", "none"):
+        weights = str(Path(weights).expanduser().resolve())
+    return {"encoder": cfg.features.encoder, "weights": weights,
+            "seed": cfg.seed if weights == "none" else None, "precision": cfg.features.precision,
+            "dtype": cfg.features.dtype, "images_sha256": _digest(names)}
+
+
+def _check_same(found: dict[str, Any], wanted: dict[str, Any], where: Path, fix: str) -> None:
+    """Keys present in both must agree; precision "auto" in `wanted` accepts any."""
+    for key in SETTINGS:
+        if key not in found or key not in wanted or wanted[key] == "auto":
+            continue
+        if found[key] != wanted[key]:
+            what = "the image list (captions.csv changed)" if key == "images_sha256" else (
+                f"{key}={found[key]!r}, not {wanted[key]!r}")
+            raise CaptionerError(f"{where}: made with {what}; {fix}")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise CaptionerError(f"features.shard: expected I/N with 0 <= I < N, got '{text}'")
+    return int(match[1]), int(match[2])
+
+
+# --- extraction -----------------------------------------------------------------------------------
+def extract(cfg: Config) -> Path:
+    """Compute (or resume, or reuse) the feature cache for cfg; return its folder.
+
+    With cfg.features.shard = "I/N", only shard I's block of chunks, into shards/I-of-N/.
+    A finished cache made with other settings is an error (never silently recomputed)."""
+    names, images_dir = _image_list(cfg)
+    out, chunk_size = cfg.features_dir, cfg.features.chunk_size
+    if chunk_size < 1 or cfg.features.batch_size < 1 or cfg.features.dtype not in (
+            "float32", "float16"):
+        raise CaptionerError("config features.chunk_size and batch_size must be >= 1 and "
+                             "features.dtype float32 or float16")
+    wanted = _settings(cfg, names)
+    extra: dict[str, Any] = {}
+    if cfg.features.shard:
+        index, count = _shard(cfg.features.shard)
+        chunks = np.array_split(np.arange(-(-len(names) // chunk_size)), count)[index]
+        start, stop = (chunks[0] * chunk_size, (chunks[-1] + 1) * chunk_size) if len(chunks) \
+            else (0, 0)
+        out = out / "shards" / f"{index}-of-{count}"
+        extra = {"shard": f"{index}/{count}", "shard_first": int(start), "images": len(names)}
+        names = names[start:stop]
+    if (out / "meta.json").is_file():
+        _check_same(load_cache(out).meta, wanted, out,
+                    f"delete {out} to recompute, or pass the settings it was made with")
+        if (out / "chunks").is_dir():  # killed after meta.json, before the clean-up
+            shutil.rmtree(out / "chunks")
+        log(f"reusing {out}")
+        return out
+    _compute(cfg, names, images_dir, out, wanted, extra)
+    return out
+
+
+def _compute(cfg: Config, names: list[str], images_dir: Path, out: Path,
+             settings: dict[str, Any], extra: dict[str, Any]) -> None:
+    from captioner import encoders
+
+    spec = encoders.ENCODERS.get(cfg.features.encoder)
+    if spec is None:
+        raise CaptionerError(f"features.encoder: unknown encoder '{cfg.features.encoder}'; "
+                             f"choose one of {', '.join(encoders.ENCODERS)}")
+    settings = {**settings, "precision": encoders.resolve_precision(settings["precision"])}
+    chunks_dir, size = out / "chunks", cfg.features.chunk_size
+    plan_path = chunks_dir / "plan.json"
+    if plan_path.is_file():
+        plan = read_json(plan_path)
+        _check_same(plan, settings, chunks_dir, f"finish them with those settings or delete "
+                    f"{chunks_dir} to start over")
+        size = plan["chunk_size"]  # resume on the same boundaries
+    else:
+        write_json(plan_path, {**settings, "chunk_size": size})
+    chunk_names = [names[start:start + size] for start in range(0, len(names), size)]
+    todo = [k for k in range(len(chunk_names)) if not (chunks_dir / f"{k:05d}.json").is_file()]
+    present = {name for k in todo for name in chunk_names[k] if (images_dir / name).is_file()}
+    missing = sum(len(chunk_names[k]) for k in todo) - len(present)
+    if todo and not present and missing == len(names):
+        raise CaptionerError(f"{images_dir}: none of the {len(names)} images listed in "
+                             f"{cfg.captions_csv} exist; check images_dir in captions.json")
+    if missing:
+        log(f"{images_dir}: {missing} images listed in {cfg.captions_csv} are missing "
+            f"(listed in bad_images.txt)")
+    if len(todo) < len(chunk_names):
+        log(f"resuming {out}: {len(chunk_names) - len(todo)} of {len(chunk_names)} chunks done")
+    if todo:
+        _run_chunks(cfg, settings["precision"], chunks_dir, images_dir,
+                    [chunk_names[k] for k in todo], todo, present)
+    _assemble(out, chunks_dir, len(chunk_names), {
+        "format": FORMAT, **settings, "dim": spec.dim, "input_size": [spec.size, spec.size],
+        "chunk_size": size,
+        "preprocessing": "keras.utils.load_img(target_size) equivalent + preprocess_input",
+        "images_dir": str(images_dir.resolve()), **extra, "versions": library_versions()})
+
+
+def _run_chunks(cfg: Config, precision: str, chunks_dir: Path, images_dir: Path,
+                chunk_names: list[list[str]], chunk_ids: list[int], present: set[str]) -> None:
+    """Encode the present images of each chunk; write each chunk as soon as it is complete."""
+    encoder = build_encoder(cfg.features.encoder, cfg.features.weights, precision, cfg.seed)
+    name_of = {str(images_dir / n): n for chunk in chunk_names for n in chunk if n in present}
+    groups = [[str(images_dir / n) for n in chunk if n in present] for chunk in chunk_names]
+    pending = {k: {"rows": [], "ids": [], "bad": [[n, "missing: no such file"] for n in chunk
+                                                 if n not in present]}
+               for k, chunk in enumerate(chunk_names)}
+    dtype = np.dtype(cfg.features.dtype)
+
+    def finish(k: int) -> None:
+        part = pending.pop(k)
+        rows = np.concatenate(part["rows"] or [np.zeros((0, encoder.dim), np.float32)])
+        _save_npy(chunks_dir / f"{chunk_ids[k]:05d}.npy", rows.astype(dtype))
+        write_json(chunks_dir / f"{chunk_ids[k]:05d}.json", {"ids": part["ids"],
+                                                             "bad": part["bad"]})
+
+    for k, group in enumerate(groups):
+        if not group:  # every image of the chunk is missing: nothing to encode
+            finish(k)
+    remaining = {k: len(group) for k, group in enumerate(groups)}
+    with tqdm(total=sum(remaining.values()), unit="img", desc=f"features {encoder.name}",
+              file=sys.stderr, dynamic_ncols=True) as progress:
+        for k, rows, ok, failed in encoder.encode_groups(groups, cfg.features.batch_size):
+            part = pending[k]
+            part["rows"].append(rows)
+            part["ids"] += [name_of[path] for path in ok]
+            for path, reason in failed:
+                log(f"{path}: {reason}; skipped (listed in bad_images.txt)")
+                part["bad"].append([name_of[path], reason])
+            remaining[k] -= len(ok) + len(failed)
+            progress.update(len(ok) + len(failed))
+            if remaining[k] == 0:
+                finish(k)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save via a temporary file, fsync'd and renamed: a kill leaves the old state or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# --- writing a finished cache ---------------------------------------------------------------------
+def _assemble(out: Path, chunks_dir: Path, n_chunks: int, meta: dict[str, Any]) -> None:
+    """Concatenate the chunks into the finished cache, then remove them."""
+    parts = []
+    for k in range(n_chunks):
+        record = read_json(chunks_dir / f"{k:05d}.json")
+        rows = np.load(chunks_dir / f"{k:05d}.npy", mmap_mode="r", allow_pickle=False)
+        parts.append((rows, record["ids"], [tuple(pair) for pair in record["bad"]]))
+    _write_cache(out, parts, meta)
+    shutil.rmtree(chunks_dir)
+
+
+def _write_cache(out: Path, parts: list[tuple[np.ndarray, list[str], list[tuple[str, str]]]],
+                 meta: dict[str, Any]) -> None:
+    """features.npy, ids.txt, bad_images.txt from (rows, ids, bad) parts; meta.json last."""
+    ids = [name for _, names, _ in parts for name in names]
+    bad = [pair for _, _, pairs in parts for pair in pairs]
+    tmp = out / "features.npy.tmp"
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(meta["dtype"]),
+                                      shape=(len(ids), meta["dim"]))
+    start = 0
+    for rows, _, _ in parts:
+        array[start:start + len(rows)] = rows
+        start += len(rows)
+    array.flush()
+    del array
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, out / "features.npy")
+    atomic_write_bytes(out / "ids.txt", "".join(f"{name}\n" for name in ids).encode())
+    lines = "".join(f"{name}\t{' '.join(reason.split())}\n" for name, reason in bad)
+    atomic_write_bytes(out / "bad_images.txt", lines.encode())
+    missing = sum(reason.startswith("missing") for _, reason in bad)
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json(out / "meta.json", {**meta, "count": len(ids), "bad": len(bad) - missing,
+                                   "missing": missing, "created": created})
+    log(f"{out}: {len(ids)} features of dimension {meta['dim']}, {len(bad) - missing} unreadable "
+        f"and {missing} missing images")
+
+
+def _read_bad(folder: Path) -> list[tuple[str, str]]:
+    lines = (folder / "bad_images.txt").read_text(encoding="utf-8").splitlines()
+    return [tuple(line.split("\t", 1)) for line in lines if line]  # type: ignore[misc]
+
+
+def merge_shards(cfg: Config) -> Path:
+    """Concatenate the finished shards/I-of-N/ caches, in order, into cfg.features_dir."""
+    out = cfg.features_dir
+    if (out / "meta.json").is_file():
+        log(f"reusing {out}")
+        return out
+    found = [re.fullmatch(r"(\d+)-of-(\d+)", p.name) for p in (out / "shards").glob("*-of-*")]
+    counts = {int(match[2]) for match in found if match}
+    if len(counts) != 1:
+        raise CaptionerError(f"{out / 'shards'}: expected shards I-of-N for one N, found "
+                             f"{sorted(counts) or 'none'}; run `captioner features --shard I/N`")
+    count = counts.pop()
+    names, _ = _image_list(cfg)
+    caches = []
+    for index in range(count):
+        folder = out / "shards" / f"{index}-of-{count}"
+        if not (folder / "meta.json").is_file():
+            raise CaptionerError(f"{folder}: shard {index}/{count} is not finished; run "
+                                 f"`captioner features --shard {index}/{count}`")
+        caches.append(load_cache(folder))
+    first = caches[0].meta
+    for cache in caches:
+        _check_same(cache.meta, first, cache.path,
+                    f"recompute it with the settings of {caches[0].path.name}")
+    _check_same(first, _settings(cfg, names), out / "shards",
+                "recompute the shards with the current settings and captions.csv")
+    parts = [(cache.features, cache.ids, _read_bad(cache.path)) for cache in caches]
+    covered = [name for _, ids, bad in parts for name in ids + [pair[0] for pair in bad]]
+    if sorted(covered) != sorted(names):
+        raise CaptionerError(f"{out / 'shards'}: the shards do not cover the {len(names)} images "
+                             "exactly (made with different chunk sizes?); recompute them")
+    meta = {key: value for key, value in first.items() if not key.startswith("shard")}
+    meta.pop("images", None)
+    _write_cache(out, parts, {**meta, "merged_shards": count})
+    log(f"merged {count} shards; {out / 'shards'} can now be deleted")
+    return out
