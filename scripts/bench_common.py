@@ -50,8 +50,19 @@ def matmul_peak_gflops(n: int = 4096, dtype: str = "float32") -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB.
+
+    Reads VmHWM from /proc/self/status: getrusage's ru_maxrss survives fork+exec, so a benchmark
+    subprocess would report its parent's peak when the parent's was higher.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def report(result: dict, as_json: bool) -> dict:

@@ -85,7 +85,7 @@ def _row_reader(features: np.ndarray):
     if not (isinstance(features, np.memmap) and features.filename
             and features.flags.c_contiguous):
         return lambda rows: np.asarray(features[rows], dtype=np.float32)
-    handle = open(features.filename, "rb")  # noqa: SIM115 - lives as long as the dataset
+    handle = open(features.filename, "rb")  # open as long as the dataset is
     row_bytes = features.shape[1] * features.dtype.itemsize
 
     def read(rows: np.ndarray) -> np.ndarray:

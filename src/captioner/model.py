@@ -9,11 +9,20 @@ Training graph (teacher forcing over whole captions):
 
 Because the RNN is causal, logits[:, t] equals what the reference approach's one-prefix-per-sample
 model outputs for the prefix tokens[:, :t+1] with the same weights (tests/test_model.py shows it).
+
+Speed: the vocabulary projection and its softmax are most of the training cost, so `fit` and
+`evaluate` (MergeModel.train_step/test_step) compute the output layer only at the N real target
+positions of a batch, (N, U) -> (N, V), never at padding, fused with the loss
+(output_cross_entropy). The loss is the compiled one: cross-entropy averaged over real words.
+`predict` and `model(inputs)` still return logits at every position.
+
 The one-step functions at the bottom reuse the trained layers, so decoding steps the RNN state one
 token at a time instead of re-running the whole prefix per word.
 """
 
 from __future__ import annotations
+
+import functools
 
 import keras
 import numpy as np
@@ -21,8 +30,15 @@ from keras import layers, ops
 
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
+from captioner.text import PAD_ID
 
 RNN_LAYERS = {"lstm": layers.LSTM, "gru": layers.GRU}
+# Keras mixed precision, per layer: float32 weights, bfloat16 matmuls in the dense layers (2-3x
+# the float32 rate on CPUs with AVX512-BF16/AMX). The embedding and the RNN stay float32: on CPU
+# their element-wise bfloat16 ops are slower than float32 ones. bfloat16 has float32's exponent
+# range, so no loss scaling is needed.
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+TINY = 1e-37  # floor for a softmax probability before its log (caps a word's loss at ~85)
 
 
 @keras.saving.register_keras_serializable(package="captioner")
@@ -43,17 +59,107 @@ class MergeImageText(layers.Layer):
         return sequence_shape
 
 
+def output_cross_entropy(hidden, kernel, bias, labels):
+    """Mean cross-entropy of softmax(hidden @ kernel + bias) at `labels`: the output layer and
+    the loss in one function, so the (N, V) logits are walked as few times as possible.
+
+    hidden (N, U) in the layer's compute dtype, kernel (U, V), bias (V,), labels (N,) int.
+    Same value and gradients as Dense + SparseCategoricalCrossentropy(from_logits=True) (tested),
+    but the softmax is TF's oneDNN one (2.5x faster on CPU than its fused cross-entropy kernel),
+    the bias add is fused into the matmul, and the backward pass reuses the saved probabilities
+    (softmax - one_hot by a scatter of N values) for both matmuls and the bias gradient.
+    """
+    import tensorflow as tf
+
+    labels = tf.cast(labels, tf.int32)
+    # at least 1: under tf.distribute a replica can get an empty part of a small last batch
+    count = tf.maximum(tf.cast(tf.shape(labels)[0], tf.float32), 1.0)
+    at_labels = tf.stack([tf.range(tf.shape(labels)[0]), labels], axis=1)  # (N, 2)
+
+    @tf.custom_gradient
+    def fused(hidden, kernel, bias):
+        weights = tf.cast(kernel, hidden.dtype)  # bfloat16 under mixed precision
+        logits = tf.cast(tf.matmul(hidden, weights), tf.float32)  # (N, V)
+        probabilities = tf.nn.softmax(tf.nn.bias_add(logits, bias))  # (N, V) float32
+        picked = tf.maximum(tf.gather_nd(probabilities, at_labels), TINY)  # (N,)
+        loss = -tf.reduce_sum(tf.math.log(picked)) / count
+
+        def gradient(upstream):
+            scale = upstream / count
+            delta = tf.tensor_scatter_nd_sub(probabilities, at_labels,  # softmax - one_hot
+                                             tf.ones_like(picked))  # (N, V)
+            delta_compute = tf.cast(delta, hidden.dtype)
+            d_hidden = tf.matmul(delta_compute, weights, transpose_b=True)  # (N, U)
+            d_kernel = tf.matmul(hidden, delta_compute, transpose_a=True)  # (U, V)
+            return (d_hidden * tf.cast(scale, hidden.dtype),
+                    tf.cast(d_kernel, kernel.dtype) * scale,
+                    tf.reduce_sum(delta, axis=0) * scale)
+
+        return loss, gradient
+
+    return fused(hidden, tf.convert_to_tensor(kernel), tf.convert_to_tensor(bias))
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class MergeModel(keras.Model):
+    """The functional merge model whose fit/evaluate skip the output layer at padding."""
+
+    @functools.cached_property  # in __dict__, not a tracked sub-layer: it shares our layers
+    def _hidden_model(self) -> keras.Model:
+        """inputs -> decoder_dense output (B, T, U): everything below the output layer."""
+        return keras.Model(self.inputs, self.get_layer("decoder_dense").output)
+
+    def _loss(self, inputs, targets, training: bool):
+        """The loss over the N non-padding targets of a batch, and N."""
+        import tensorflow as tf
+
+        hidden = self._hidden_model(inputs, training=training)  # (B, T, U)
+        real = ops.not_equal(targets, PAD_ID)  # (B, T)
+        hidden = tf.boolean_mask(hidden, real)  # (N, U)
+        labels = tf.boolean_mask(targets, real)  # (N,)
+        output = self.get_layer("logits")
+        loss = output_cross_entropy(hidden, output.kernel, output.bias, labels)
+        return loss, tf.shape(labels)[0]
+
+    def _track_loss(self, loss, count):
+        """Epoch loss = mean over words (each batch weighted by its N), not over batches."""
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss, sample_weight=count)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        inputs, targets = data  # ({"features": (B, D), "tokens": (B, T)}, (B, T))
+        with tf.GradientTape() as tape:
+            loss, count = self._loss(inputs, targets, training=True)
+            # Under tf.distribute each replica's gradient is summed: average them.
+            scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
+        weights = self.trainable_weights
+        self.optimizer.apply(tape.gradient(scaled, weights), weights)
+        return self._track_loss(loss, count)
+
+    def test_step(self, data):
+        inputs, targets = data
+        return self._track_loss(*self._loss(inputs, targets, training=False))
+
+
 def build_model(feature_dim: int, vocab_size: int, cfg: ModelConfig,
                 feature_mean: np.ndarray | None = None,
                 feature_variance: np.ndarray | None = None,
                 precision: str = "float32") -> keras.Model:
     """The training model: {"features": (B, D), "tokens": (B, T)} -> logits (B, T, V).
 
-    precision "bfloat16" computes in bfloat16 with float32 weights (Keras mixed precision);
-    the logits are always float32.
+    precision "bfloat16" computes in bfloat16 with float32 weights (Keras mixed precision,
+    set per layer, never globally); the logits are always float32.
     """
     if cfg.cell not in RNN_LAYERS:
         raise CaptionerError(f"model.cell must be one of {sorted(RNN_LAYERS)}, got '{cfg.cell}'")
+    if precision not in PRECISIONS:
+        raise CaptionerError(f"train.precision must be one of {sorted(PRECISIONS)}, "
+                             f"got '{precision}'")
+    policy = PRECISIONS[precision]
     features = keras.Input((feature_dim,), name="features")
     tokens = keras.Input((None,), dtype="int32", name="tokens")
 
@@ -61,25 +167,31 @@ def build_model(feature_dim: int, vocab_size: int, cfg: ModelConfig,
     if cfg.normalize_features:
         if feature_mean is None or feature_variance is None:
             raise CaptionerError("model.normalize_features needs the training features' statistics")
-        x = layers.Normalization(mean=feature_mean, variance=feature_variance, name="feature_norm")(x)
+        x = layers.Normalization(mean=feature_mean, variance=feature_variance,
+                                 name="feature_norm")(x)
     x = layers.Dropout(cfg.dropout, name="image_dropout")(x)
-    image = layers.Dense(cfg.units, activation="relu", name="image_dense")(x)  # (B, U)
+    image = layers.Dense(cfg.units, activation="relu", name="image_dense",
+                         dtype=policy)(x)  # (B, U)
 
-    embedded = layers.Embedding(vocab_size, cfg.embed_dim, mask_zero=True, name="embedding")(tokens)
+    embedded = layers.Embedding(vocab_size, cfg.embed_dim, mask_zero=True,
+                                name="embedding")(tokens)  # (B, T, E)
     embedded = layers.Dropout(cfg.dropout, name="text_dropout")(embedded)
     sequence = RNN_LAYERS[cfg.cell](cfg.units, return_sequences=True, name="rnn")(embedded)
 
-    merged = MergeImageText(name="merge")(image, sequence)  # (B, T, U)
-    hidden = layers.Dense(cfg.units, activation="relu", name="decoder_dense")(merged)
-    logits = layers.Dense(vocab_size, name="logits", dtype="float32")(hidden)  # (B, T, V)
-    return keras.Model({"features": features, "tokens": tokens}, logits, name="merge_model")
+    merged = MergeImageText(name="merge")(image, sequence)  # (B, T, U) float32
+    hidden = layers.Dense(cfg.units, activation="relu", name="decoder_dense", dtype=policy)(merged)
+    logits = layers.Dense(vocab_size, name="logits", dtype=policy)(hidden)  # (B, T, V)
+    if precision != "float32":  # softmax and loss in float32, as Keras mixed precision advises
+        logits = layers.Activation("linear", name="logits_float32", dtype="float32")(logits)
+    return MergeModel({"features": features, "tokens": tokens}, logits, name="merge_model")
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:
-    """Adam and cross-entropy on logits, ignoring padding targets (id 0)."""
+    """Adam and cross-entropy on logits, ignoring padding targets (id 0). MergeModel's fit and
+    evaluate compute this loss fused with the output layer, at non-padding targets only."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
     )
 
 
@@ -87,26 +199,33 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
 
 
 def image_vector(model: keras.Model, features):
-    """(B, D) features -> (B, U) image vector, as in inference (dropout off)."""
+    """(B, D) features -> (B, U) image vector, as in inference (dropout off), in the dtype the
+    merge layer adds it in (float32 also under mixed precision)."""
     x = features
     if any(layer.name == "feature_norm" for layer in model.layers):
         x = model.get_layer("feature_norm")(x)
-    return model.get_layer("image_dense")(x)
+    return ops.cast(model.get_layer("image_dense")(x), model.get_layer("merge").compute_dtype)
 
 
 def initial_state(model: keras.Model, batch_size):
     """Zero RNN state: [h, c] for an LSTM, [h] for a GRU, each (B, U)."""
     rnn = model.get_layer("rnn")
-    zeros = ops.zeros((batch_size, rnn.units))
+    zeros = ops.zeros((batch_size, rnn.units), dtype=rnn.compute_dtype)
     return [zeros, zeros] if isinstance(rnn, layers.LSTM) else [zeros]
 
 
 def step(model: keras.Model, image, token_ids, state):
-    """One decoding step: token ids (B,) and RNN state -> logits (B, V) and the new state."""
+    """One decoding step: token ids (B,) and RNN state -> float32 logits (B, V) and new state."""
+    hidden, new_state = hidden_step(model, image, token_ids, state)
+    return ops.cast(model.get_layer("logits")(hidden), "float32"), new_state  # (B, V)
+
+
+def hidden_step(model: keras.Model, image, token_ids, state):
+    """`step` without the `logits` layer: -> hidden (B, U) and new state. decode.py projects the
+    hidden vector onto only the ids a caption may contain (cheaper than all V logits)."""
     embedded = model.get_layer("embedding")(token_ids)  # (B, E)
     rnn_cell = model.get_layer("rnn").cell
     output, new_state = rnn_cell(embedded, state if len(state) > 1 else state[0])
     if not isinstance(new_state, (list, tuple)):
         new_state = [new_state]
-    hidden = model.get_layer("decoder_dense")(image + output)  # (B, U)
-    return model.get_layer("logits")(hidden), list(new_state)  # (B, V)
+    return model.get_layer("decoder_dense")(image + output), list(new_state)  # (B, U)
