@@ -24,8 +24,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench_common import best_time, machine, report  # noqa: E402
 
 # (beam, length_penalty, no_repeat_ngram) compared by --quality
-SETTINGS = [(1, 0.0, 0), (3, 0.0, 0), (5, 0.0, 0), (3, 0.5, 0), (3, 1.0, 0), (3, 0.0, 2),
-            (3, 0.0, 3), (3, 1.0, 3)]
+SETTINGS = [
+    (1, 0.0, 0),
+    (3, 0.0, 0),
+    (5, 0.0, 0),
+    (3, 0.5, 0),
+    (3, 1.0, 0),
+    (3, 0.0, 2),
+    (3, 0.0, 3),
+    (3, 1.0, 3),
+]
 
 
 def build(vocab_size: int, feature_dim: int, seed: int = 0):
@@ -69,8 +77,10 @@ def main(argv: list[str]) -> dict:
     features = np.maximum(rng.normal(size=(args.images, args.feature_dim)), 0).astype(np.float32)
 
     timings = {}
-    for name, run in (("greedy", lambda: decode.greedy(model, features, args.max_length)),
-                      ("beam3", lambda: decode.beam_search(model, features, args.max_length, 3))):
+    for name, run in (
+        ("greedy", lambda: decode.greedy(model, features, args.max_length)),
+        ("beam3", lambda: decode.beam_search(model, features, args.max_length, 3)),
+    ):
         start = time.perf_counter()
         captions = run()  # traces and compiles, then runs once
         timings[f"{name}_first_call_s"] = time.perf_counter() - start
@@ -78,31 +88,43 @@ def main(argv: list[str]) -> dict:
             raise SystemExit("a caption ended early: the bench must time full-length captions")
         timings[f"{name}_ms"] = best_time(run, repeats=2) / args.images * 1000
 
-    vocab = Vocabulary(tokens=("<pad>", "<unk>", "<start>", "<end>")
-                       + tuple(f"w{i}" for i in range(4, args.vocab)),
-                       counts=(0,) * args.vocab, max_length=args.max_length, settings={})
+    vocab = Vocabulary(
+        tokens=("<pad>", "<unk>", "<start>", "<end>")
+        + tuple(f"w{i}" for i in range(4, args.vocab)),
+        counts=(0,) * args.vocab,
+        max_length=args.max_length,
+        settings={},
+    )
     prefix_model = reference.reference_prefix_model(model, args.max_length)
     word_index = reference.reference_word_index(vocab)
     photos = features[: args.reference_images]
     prefix_model.predict([photos[:1], np.zeros((1, args.max_length))], verbose=0)  # warm up
     start = time.perf_counter()
-    texts = [reference.generate_desc(prefix_model, word_index, photo[None], args.max_length)
-             for photo in photos]
+    texts = [
+        reference.generate_desc(prefix_model, word_index, photo[None], args.max_length)
+        for photo in photos
+    ]
     reference_ms = (time.perf_counter() - start) / len(photos) * 1000
     ours = decode.greedy(model, photos, args.max_length)
     same = [t.split()[1:] for t in texts] == [[vocab.tokens[i] for i in c] for c in ours]
 
     result = {
-        "images": args.images, "vocab": args.vocab, "max_length": args.max_length,
-        "feature_dim": args.feature_dim, "words_per_caption": args.max_length,
-        "greedy_ms": timings["greedy_ms"], "beam3_ms": timings["beam3_ms"],
-        "reference_ms": reference_ms, "reference_images": len(photos),
+        "images": args.images,
+        "vocab": args.vocab,
+        "max_length": args.max_length,
+        "feature_dim": args.feature_dim,
+        "words_per_caption": args.max_length,
+        "greedy_ms": timings["greedy_ms"],
+        "beam3_ms": timings["beam3_ms"],
+        "reference_ms": reference_ms,
+        "reference_images": len(photos),
         "reference_ms_per_word": reference_ms / args.max_length,
         "ratio": reference_ms / timings["greedy_ms"],
         "beam3_ratio": reference_ms / timings["beam3_ms"],
         "same_captions_as_reference": same,
         "greedy_first_call_s": timings["greedy_first_call_s"],
-        "beam3_first_call_s": timings["beam3_first_call_s"], **machine(),
+        "beam3_first_call_s": timings["beam3_first_call_s"],
+        **machine(),
     }
     return report(result, args.json)
 
@@ -122,17 +144,20 @@ def quality(run_dir: str, split: str) -> dict:
     refs = [references[image] for image in images]
     result: dict = {"run": run_dir, "split": split, "images": len(images)}
     for beam, length_penalty, ngram in SETTINGS:
-        run.cfg = replace(base, **{"decode.length_penalty": length_penalty,
-                                   "decode.no_repeat_ngram": ngram})
+        run.cfg = replace(
+            base, **{"decode.length_penalty": length_penalty, "decode.no_repeat_ngram": ngram}
+        )
         captions = run.caption_features(features, beam)
         scores, _ = metrics.score_all(captions, refs, with_meteor=False)
         words = [caption.split() for caption in captions]
         bigrams = [list(zip(w[:-1], w[1:], strict=True)) for w in words]
         repeats = sum(len(set(b)) < len(b) for b in bigrams)  # captions repeating a bigram
         name = f"beam{beam}_lp{length_penalty:g}_ngram{ngram}"
-        result[name] = (f"B1 {scores['bleu1']:.3f} B4 {scores['bleu4']:.3f} CIDEr-D "
-                        f"{scores['cider_d']:.3f} ROUGE-L {scores['rouge_l']:.3f} words "
-                        f"{np.mean([len(w) for w in words]):.1f} repeats {repeats}")
+        result[name] = (
+            f"B1 {scores['bleu1']:.3f} B4 {scores['bleu4']:.3f} CIDEr-D "
+            f"{scores['cider_d']:.3f} ROUGE-L {scores['rouge_l']:.3f} words "
+            f"{np.mean([len(w) for w in words]):.1f} repeats {repeats}"
+        )
     return result
 
 

@@ -51,8 +51,14 @@ def make_dataset(folder: Path, count: int, fixtures: Path) -> list[Path]:
         paths.append(path)
     dataset = folder / "data" / "bench"
     dataset.mkdir(parents=True)
-    pd.DataFrame({"image": [p.name for p in paths], "split": "train", "caption": "a photo",
-                  "raw": "A photo."}).to_csv(dataset / "captions.csv", index=False)
+    pd.DataFrame(
+        {
+            "image": [p.name for p in paths],
+            "split": "train",
+            "caption": "a photo",
+            "raw": "A photo.",
+        }
+    ).to_csv(dataset / "captions.csv", index=False)
     (dataset / "captions.json").write_text(json.dumps({"images_dir": str(images)}))
     return paths
 
@@ -62,9 +68,18 @@ def time_ours(folder: Path, precision: str, batch_size: int, seed: int) -> tuple
     from captioner import features
     from captioner.config import load_config
 
-    cfg = load_config(None, (), dataset="bench", **{
-        "data.data_dir": str(folder / "data"), "seed": seed, "features.weights": "none",
-        "features.precision": precision, "features.batch_size": batch_size})
+    cfg = load_config(
+        None,
+        (),
+        dataset="bench",
+        **{
+            "data.data_dir": str(folder / "data"),
+            "seed": seed,
+            "features.weights": "none",
+            "features.precision": precision,
+            "features.batch_size": batch_size,
+        },
+    )
     encoder = features.build_encoder("vgg16", "none", precision, seed)  # reused by extract
     warm = sorted((folder / "images").iterdir())[:batch_size]
     encoder.encode_files(warm, batch_size)
@@ -131,11 +146,20 @@ def main(argv: list[str]) -> dict:
                 reference = max(reference, speed)
         flops = model_flops(features.build_encoder("vgg16", "none", "float32", 0).model)
     result = {
-        "ours": ours, "reference": reference, "ratio": ours / reference, "peak_gflops": peak,
-        "ours_gflops": ours * flops / 1e9, "ratio_bf16": ours_bf16 / reference,
-        "cosine_bf16": cosine(bf16_features, ours_features), "ours_bf16": ours_bf16,
-        "gflop_per_image": flops / 1e9, "peak_fraction": ours * flops / 1e9 / peak,
+        "ours": ours,
+        "reference": reference,
+        "ratio": ours / reference,
+        "peak_gflops": peak,
+        "ours_gflops": ours * flops / 1e9,
+        "ratio_bf16": ours_bf16 / reference,
+        "cosine_bf16": cosine(bf16_features, ours_features),
+        "ours_bf16": ours_bf16,
+        "gflop_per_image": flops / 1e9,
+        "peak_fraction": ours * flops / 1e9 / peak,
         "cosine_reference": cosine(reference_features, ours_features),
-        "images": args.images, "batch_size": args.batch_size, "rounds": args.rounds, **machine(),
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        **machine(),
     }
     return report(result, args.json)

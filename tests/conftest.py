@@ -12,7 +12,9 @@ from captioner.config import Config, load_config
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FIXTURES = Path(
-    os.environ.get("CAPTIONER_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures")
+    os.environ.get(
+        "CAPTIONER_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    )
 )
 FLICKR8K = FIXTURES / "flickr8k"
 

@@ -35,30 +35,47 @@ def make_run(run_dir: Path, dataset: str, fixtures: Path, seed: int) -> Path:
     from captioner.model import build_model
 
     keras.utils.set_random_seed(seed)
-    cfg = load_config(None, (), dataset=dataset, **{
-        "seed": seed, "features.encoder": ENCODER["encoder"], "features.weights": "none",
-        "model.units": 16, "model.embed_dim": 16, "model.normalize_features": False,
-        "decode.beam": 3, "train.name": run_dir.name})
+    cfg = load_config(
+        None,
+        (),
+        dataset=dataset,
+        **{
+            "seed": seed,
+            "features.encoder": ENCODER["encoder"],
+            "features.weights": "none",
+            "model.units": 16,
+            "model.embed_dim": 16,
+            "model.normalize_features": False,
+            "decode.beam": 3,
+            "train.name": run_dir.name,
+        },
+    )
     lines = (fixtures / "Flickr8k_text" / "Flickr8k.token.txt").read_text("utf-8").splitlines()
-    vocab = Vocabulary.from_captions([normalize(line.split("\t")[1]) for line in lines[:200]],
-                                     max_length=8)
+    vocab = Vocabulary.from_captions(
+        [normalize(line.split("\t")[1]) for line in lines[:200]], max_length=8
+    )
     run_dir.mkdir(parents=True)
     write_json(run_dir / "config.json", cfg.to_dict())
     write_json(run_dir / "vocab.json", vocab.to_json())
-    write_json(run_dir / "features_meta.json", {**ENCODER, "seed": 0, "count": 0,
-                                                "dtype": "float32", "precision": "float32"})
+    write_json(
+        run_dir / "features_meta.json",
+        {**ENCODER, "seed": 0, "count": 0, "dtype": "float32", "precision": "float32"},
+    )
     build_model(ENCODER["dim"], vocab.size, cfg.model).save(run_dir / "model.keras")
     (run_dir / "history.csv").write_text("epoch,loss,val_loss\n1,5.0,5.1\n")
-    write_json(run_dir / "state.json", {"epoch": 1, "epochs": 1, "finished": True,
-                                        "best_val_loss": 5.1})
+    write_json(
+        run_dir / "state.json", {"epoch": 1, "epochs": 1, "finished": True, "best_val_loss": 5.1}
+    )
     return run_dir
 
 
 @functools.cache
 def built_runs(root: Path, fixtures: Path) -> tuple[Path, ...]:
     """Two runs named like the two models the page compares (built once per test session)."""
-    return (make_run(root / "f30k", "flickr30k", fixtures, seed=1),
-            make_run(root / "f8k", "flickr8k", fixtures, seed=2))
+    return (
+        make_run(root / "f30k", "flickr30k", fixtures, seed=1),
+        make_run(root / "f8k", "flickr8k", fixtures, seed=2),
+    )
 
 
 @functools.cache
@@ -151,8 +168,14 @@ def test_example_images_default_to_the_runs_test_split(tmp_path, tiny_config, fl
     folder = flickr8k_fixtures / "Flicker8k_Dataset"
     names = sorted(p.name for p in folder.glob("*.jpg"))[:3] + ["missing.jpg"]
     cfg.dataset_dir.mkdir(parents=True)
-    pd.DataFrame({"image": names, "split": ["train", "test", "test", "test"], "caption": "a dog",
-                  "raw": "A dog ."}).to_csv(cfg.captions_csv, index=False)
+    pd.DataFrame(
+        {
+            "image": names,
+            "split": ["train", "test", "test", "test"],
+            "caption": "a dog",
+            "raw": "A dog .",
+        }
+    ).to_csv(cfg.captions_csv, index=False)
     write_json(cfg.dataset_dir / "captions.json", {"images_dir": str(folder)})
     assert app.example_images([tmp_path / "run"]) == [folder / names[1], folder / names[2]]
 
@@ -160,16 +183,19 @@ def test_example_images_default_to_the_runs_test_split(tmp_path, tiny_config, fl
 def test_app_command_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["app", "--model", str(tmp_path)])
     assert result.exit_code == 1
-    assert result.output.strip() == (f"Error: {tmp_path}: not a trained run (no model.keras); "
-                                     "pass a folder made by `captioner train`")
+    assert result.output.strip() == (
+        f"Error: {tmp_path}: not a trained run (no model.keras); "
+        "pass a folder made by `captioner train`"
+    )
 
 
 # --- the page (AppTest) ----------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_page_shows_every_models_caption_side_by_side(page, runs, expected, flickr8k_fixtures,
-                                                      monkeypatch):
+def test_page_shows_every_models_caption_side_by_side(
+    page, runs, expected, flickr8k_fixtures, monkeypatch
+):
     import streamlit as st
 
     from captioner import caption

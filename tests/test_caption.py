@@ -41,8 +41,9 @@ def test_folders_expand_to_their_images(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     missing = str(tmp_path / "missing.jpg")
-    paths, failures = caption.expand_images([tmp_path, missing, tmp_path / "a.png",
-                                             tmp_path / "sub"])
+    paths, failures = caption.expand_images(
+        [tmp_path, missing, tmp_path / "a.png", tmp_path / "sub"]
+    )
     assert paths == [str(tmp_path / "a.png"), str(tmp_path / "b.JPG"), missing]
     assert failures == [(str(tmp_path / "sub"), pytest.approx(failures[0][1]))]
     assert failures[0][1].startswith("no image files (.bmp, .gif, .jpeg, .jpg")
@@ -63,8 +64,10 @@ def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_fixtures, capsy
     # The run's own encoder turns a new image into the features it was trained on: captions of
     # the test images equal those evaluate made from the feature cache.
     run = caption.load_run(run_dir)
-    predictions = pd.read_csv(evaluate.evaluate(run_dir, beam=1, with_meteor=False).with_name(
-        "predictions.csv"), keep_default_na=False)
+    predictions = pd.read_csv(
+        evaluate.evaluate(run_dir, beam=1, with_meteor=False).with_name("predictions.csv"),
+        keep_default_na=False,
+    )
     test_paths = [str(images[0].parent / name) for name in predictions["image"]]
     captioned, failures = run.caption_files(test_paths, beam=1)
     assert failures == [] and [c for _, c in captioned] == list(predictions["caption"])
@@ -90,8 +93,10 @@ def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_fixtures, capsy
         shutil.copy(image, folder)
     built = []
     monkeypatch.setattr(features, "build_encoder", lambda *a, **k: built.append(a) or encoder)
-    assert caption.caption_command([str(folder)], [str(run_dir), str(second)], beam=1,
-                                   as_json=True) == 0
+    assert (
+        caption.caption_command([str(folder)], [str(run_dir), str(second)], beam=1, as_json=True)
+        == 0
+    )
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(built) == 1 and len(records) == 6
     assert {r["model"] for r in records} == {"tiny", "second"}
@@ -115,9 +120,22 @@ def test_train_evaluate_caption_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)  # METEOR: slow, not needed
     runner = CliRunner()
-    tiny = ["--dataset", "demo", "--data-dir", "data", "--set", "demo.train_images=24",
-            "--set", "demo.dev_images=6", "--set", "demo.test_images=6",
-            "--set", "features.encoder=mobilenetv3small", "--set", "train.epochs=1"]
+    tiny = [
+        "--dataset",
+        "demo",
+        "--data-dir",
+        "data",
+        "--set",
+        "demo.train_images=24",
+        "--set",
+        "demo.dev_images=6",
+        "--set",
+        "demo.test_images=6",
+        "--set",
+        "features.encoder=mobilenetv3small",
+        "--set",
+        "train.epochs=1",
+    ]
     result = runner.invoke(main, ["train", *tiny, "--name", "tiny"])
     assert result.exit_code == 0, result.output
 

@@ -46,7 +46,10 @@ def test_full_fixture_official_split_then_reuse(tiny_config, flickr8k_fixtures, 
     info, log = meta(cfg), capsys.readouterr().err
     assert info["counts"]["images"] == 8091 and info["counts"]["captions"] == 40455
     assert {split: sizes["images"] for split, sizes in info["counts"]["splits"].items()} == {
-        "train": 6000, "dev": 1000, "test": 1000}
+        "train": 6000,
+        "dev": 1000,
+        "test": 1000,
+    }
     assert info["dropped"]["not_image_entries"] == {"names": [STRAY], "captions": 5}
     assert info["dropped"]["no_split"] == {"images": 91, "captions": 455}
     assert info["split_used"] == "official" and info["format"] == "flickr8k"
@@ -75,7 +78,10 @@ def test_random_split_is_seeded_over_images_and_disjoint(tiny_config, flickr8k_f
     assert first == clean.random_split(sorted(names, reverse=True), 0, 0.1, 0.1)  # not file order
     assert first != clean.random_split(names, 1, 0.1, 0.1)
     assert sorted(pd.Series(first).value_counts().to_dict().items()) == [
-        ("dev", 809), ("test", 809), ("train", 6473)]
+        ("dev", 809),
+        ("test", 809),
+        ("train", 6473),
+    ]
     with pytest.raises(CaptionerError, match="dev_fraction"):
         clean.random_split(names, 0, 0.5, 0.5)
 
@@ -110,14 +116,19 @@ def test_karpathy_split_needs_its_json(tiny_config, flickr8k_fixtures):
     source = formats.read_token_file(raw / "Flickr8k_text" / "Flickr8k.token.txt")
     names = list(dict.fromkeys(image for image, _ in source.records))[:30]
     splits = ["train"] * 20 + ["val"] * 5 + ["test"] * 3 + ["restval"] * 2
-    images = [{"filename": name, "split": split, "sentences": [{"raw": "unused", "tokens": []}]}
-              for name, split in zip(names, splits, strict=True)]
+    images = [
+        {"filename": name, "split": split, "sentences": [{"raw": "unused", "tokens": []}]}
+        for name, split in zip(names, splits, strict=True)
+    ]
     (raw / "dataset_flickr8k.json").write_text(json.dumps({"images": images}), encoding="utf-8")
     clean.clean(cfg)
     info = meta(cfg)
     assert info["split_used"] == "karpathy" and info["format"] == "flickr8k"  # captions: token.txt
     assert {split: sizes["images"] for split, sizes in info["counts"]["splits"].items()} == {
-        "train": 22, "dev": 5, "test": 3}
+        "train": 22,
+        "dev": 5,
+        "test": 3,
+    }
     assert info["dropped"]["no_split"]["images"] == 8091 - 30
 
 
@@ -151,9 +162,16 @@ def test_bring_your_own_data(tiny_config, flickr8k_fixtures, tmp_path, kind):
     else:
         ids = {name: i for i, name in enumerate(sorted(on_disk))}
         captions = tmp_path / "coco.json"
-        captions.write_text(json.dumps({
-            "images": [{"id": i, "file_name": name} for name, i in ids.items()],
-            "annotations": [{"image_id": ids[name], "caption": text} for name, text in records]}))
+        captions.write_text(
+            json.dumps(
+                {
+                    "images": [{"id": i, "file_name": name} for name, i in ids.items()],
+                    "annotations": [
+                        {"image_id": ids[name], "caption": text} for name, text in records
+                    ],
+                }
+            )
+        )
     cfg = tiny_config("mine", **{"data.captions": str(captions), "data.images": str(images)})
     clean.clean(cfg)
     info = meta(cfg)
@@ -171,8 +189,9 @@ def test_load_captions_before_clean_names_the_fix(tiny_config):
 
 def test_cli_clean_prints_summary_and_path(tmp_path, flickr8k_fixtures):
     make_raw(tmp_path / "data", flickr8k_fixtures)
-    result = CliRunner().invoke(main, ["clean", "--dataset", "flickr8k",
-                                       "--data-dir", str(tmp_path / "data")])
+    result = CliRunner().invoke(
+        main, ["clean", "--dataset", "flickr8k", "--data-dir", str(tmp_path / "data")]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(tmp_path / "data" / "flickr8k" / "captions.csv")
     assert "split official: train 6,000 images / 30,000 captions" in result.stderr
@@ -181,8 +200,20 @@ def test_cli_clean_prints_summary_and_path(tmp_path, flickr8k_fixtures):
 
 def test_cli_bad_input_is_one_line(tmp_path):
     missing = tmp_path / "nope.csv"
-    result = CliRunner().invoke(main, ["clean", "--dataset", "mine", "--data-dir", str(tmp_path),
-                                       "--format", "csv", "--captions", str(missing)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "clean",
+            "--dataset",
+            "mine",
+            "--data-dir",
+            str(tmp_path),
+            "--format",
+            "csv",
+            "--captions",
+            str(missing),
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.strip() == f"Error: {missing}: caption file not found; check --captions"
     assert os.listdir(tmp_path) == []  # nothing half-written

@@ -42,7 +42,8 @@ def test_help_does_not_import_tensorflow():
 
 def test_unknown_config_key_is_one_line_error(tmp_path):
     result = CliRunner().invoke(
-        main, ["tokenizer", "--dataset", "demo", "--data-dir", str(tmp_path), "--set", "train.epoch=3"]
+        main,
+        ["tokenizer", "--dataset", "demo", "--data-dir", str(tmp_path), "--set", "train.epoch=3"],
     )
     assert result.exit_code == 1
     assert result.output.strip() == "Error: unknown config key 'train.epoch'"

@@ -7,8 +7,12 @@ from captioner.errors import ConfigError
 
 
 def test_bundled_config_then_set_then_flags(tmp_path: Path):
-    cfg = load_config(None, ["train.epochs=7", "features.weights=none"], dataset="flickr8k",
-                      **{"train.epochs": 9, "data.data_dir": str(tmp_path)})
+    cfg = load_config(
+        None,
+        ["train.epochs=7", "features.weights=none"],
+        dataset="flickr8k",
+        **{"train.epochs": 9, "data.data_dir": str(tmp_path)},
+    )
     assert cfg.data.dataset == "flickr8k"
     assert cfg.download.md5[0] == "f18a1e2920de5bd84dae7cf08ec78978"  # from configs/flickr8k.toml
     assert cfg.train.epochs == 9  # flags beat --set
@@ -31,7 +35,10 @@ def test_config_file_overrides_defaults(tmp_path: Path):
         ("nosuch.key=1", "unknown config key 'nosuch'"),
         ("train.epochs=five", "config key 'train.epochs' must be int"),
         ("train.epochs=true", "config key 'train.epochs' must be int"),
-        ("model.normalize_features=1", "config key 'model.normalize_features' must be true or false"),
+        (
+            "model.normalize_features=1",
+            "config key 'model.normalize_features' must be true or false",
+        ),
         ("download.urls=3", "config key 'download.urls' must be a list of strings"),
         ("train=3", "config key 'train' must be a [section]"),
     ],

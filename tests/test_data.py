@@ -29,8 +29,9 @@ def unbatch(dataset) -> list[tuple[tuple, tuple, tuple]]:
     """Every (features, tokens, targets) example of a dataset, padding removed."""
     examples = []
     for inputs, targets in dataset:
-        for feats, tokens, target in zip(inputs["features"].numpy(), inputs["tokens"].numpy(),
-                                         targets.numpy(), strict=True):
+        for feats, tokens, target in zip(
+            inputs["features"].numpy(), inputs["tokens"].numpy(), targets.numpy(), strict=True
+        ):
             length = int((target != 0).sum())
             assert (tokens[length:] == 0).all() and (target[length:] == 0).all()
             examples.append((tuple(feats), tuple(tokens[:length]), tuple(target[:length])))
@@ -40,10 +41,13 @@ def unbatch(dataset) -> list[tuple[tuple, tuple, tuple]]:
 @pytest.mark.parametrize("bucket", [True, False])
 def test_make_dataset_yields_every_caption_once_with_its_features(memmap, bucket):
     rows, captions = random_captions(50)
-    dataset = data.make_dataset(memmap, rows, captions, batch_size=8, shuffle=True, seed=3,
-                                bucket=bucket)
-    expected = Counter((tuple(np.asarray(memmap[row], np.float32)), (START_ID, *caption),
-                        (*caption, END_ID)) for row, caption in zip(rows, captions, strict=True))
+    dataset = data.make_dataset(
+        memmap, rows, captions, batch_size=8, shuffle=True, seed=3, bucket=bucket
+    )
+    expected = Counter(
+        (tuple(np.asarray(memmap[row], np.float32)), (START_ID, *caption), (*caption, END_ID))
+        for row, caption in zip(rows, captions, strict=True)
+    )
     assert Counter(unbatch(dataset)) == expected
     for inputs, targets in dataset.take(3):
         assert inputs["features"].dtype.name == "float32" and inputs["tokens"].dtype.name == "int32"
@@ -67,8 +71,9 @@ def test_shuffle_is_seeded_and_reshuffles_each_epoch(memmap):
     rows, captions = random_captions(60)
 
     def order(seed: int, epochs: int = 1) -> list:
-        dataset = data.make_dataset(memmap, rows, captions, 60, shuffle=True, seed=seed,
-                                    bucket=False)
+        dataset = data.make_dataset(
+            memmap, rows, captions, 60, shuffle=True, seed=seed, bucket=False
+        )
         return [targets.numpy().tolist() for _ in range(epochs) for _, targets in dataset]
 
     assert order(5) == order(5)
@@ -108,12 +113,14 @@ def test_encode_split_skips_captions_without_features(tiny_config, flickr8k_fixt
     ids = (cfg.features_dir / "ids.txt").read_text().split()
     train = data.read_split(cfg, "train")
     assert len(train) == 30 and set(train["image"]) <= set(frame["image"])
-    rows, captions = data.encode_split(data.read_split(cfg, "dev"), vocab,
-                                       {name: i for i, name in enumerate(ids)}, "dev")
+    rows, captions = data.encode_split(
+        data.read_split(cfg, "dev"), vocab, {name: i for i, name in enumerate(ids)}, "dev"
+    )
     assert len(captions) == 0 and rows.shape == (0,)  # both dev images were dropped
     err = capsys.readouterr().err
     assert "dev: skipped 10 captions of 2 images that have no feature row" in err
-    rows, captions = data.encode_split(train, vocab, {name: i for i, name in enumerate(ids)},
-                                       "train")
+    rows, captions = data.encode_split(
+        train, vocab, {name: i for i, name in enumerate(ids)}, "train"
+    )
     assert len(captions) == 30 and rows.max() < len(ids)
     assert [vocab.decode(c) for c in captions] == list(train["caption"])

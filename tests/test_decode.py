@@ -17,8 +17,9 @@ A, B, C = 4, 5, 6  # the three words of the hand-built models
 SPECIAL = {PAD_ID, UNK_ID, START_ID}
 
 
-def random_model(vocab_size: int = 30, feature_dim: int = 8, seed: int = 0,
-                 special_bias: float = -30.0) -> keras.Model:
+def random_model(
+    vocab_size: int = 30, feature_dim: int = 8, seed: int = 0, special_bias: float = -30.0
+) -> keras.Model:
     """A tiny random merge model; `special_bias` is added to the pad/unk/start logits."""
     keras.utils.set_random_seed(seed)
     model = build_model(feature_dim, vocab_size, ModelConfig(embed_dim=16, units=16, dropout=0.0))
@@ -42,9 +43,10 @@ def markov_model(table: dict[int, dict[int, float]], vocab_size: int = 7) -> ker
     model.get_layer("image_dense").set_weights([np.zeros((2, size)), np.zeros(size)])
     model.get_layer("embedding").set_weights([3.0 * eye])
     kernel = np.zeros((size, 4 * size), np.float32)
-    kernel[:, 2 * size:3 * size] = eye  # candidate cell value g = tanh(3) for the active unit
-    bias = np.concatenate([np.full(size, 20.0), np.full(size, -20.0), np.zeros(size),
-                           np.full(size, 20.0)]).astype(np.float32)  # gates i, f, g, o
+    kernel[:, 2 * size : 3 * size] = eye  # candidate cell value g = tanh(3) for the active unit
+    bias = np.concatenate(
+        [np.full(size, 20.0), np.full(size, -20.0), np.zeros(size), np.full(size, 20.0)]
+    ).astype(np.float32)  # gates i, f, g, o
     model.get_layer("rnn").set_weights([kernel, np.zeros((size, 4 * size)), bias])
     sigmoid = 1.0 / (1.0 + np.exp(-20.0))
     h_value = sigmoid * np.tanh(sigmoid * np.tanh(3.0))
@@ -69,8 +71,14 @@ def test_markov_model_has_the_probabilities_it_was_built_with():
 
 def test_beam_finds_the_sequence_greedy_misses():
     # Greedy: a (0.6) -> c (0.4) -> end = 0.24.  Best: b (0.4) -> end (1.0) = 0.4.
-    model = markov_model({START_ID: {A: 0.6, B: 0.4}, A: {C: 0.4, END_ID: 0.3, A: 0.3},
-                          B: {END_ID: 1.0}, C: {END_ID: 1.0}})
+    model = markov_model(
+        {
+            START_ID: {A: 0.6, B: 0.4},
+            A: {C: 0.4, END_ID: 0.3, A: 0.3},
+            B: {END_ID: 1.0},
+            C: {END_ID: 1.0},
+        }
+    )
     assert decode.greedy(model, FEATURES_2D, 10) == [[A, C]]
     assert decode.beam_search(model, FEATURES_2D, 10, beam=1) == [[A, C]]
     assert decode.beam_search(model, FEATURES_2D, 10, beam=2) == [[B]]
@@ -79,23 +87,31 @@ def test_beam_finds_the_sequence_greedy_misses():
 def test_every_beam_ending_early_and_more_beams_than_words():
     # Every word is followed by <end> with probability 0.9: all beams end at step 2 of 10.
     after_word = {END_ID: 0.9, A: 0.05, B: 0.05}
-    model = markov_model({START_ID: {A: 0.5, B: 0.3, C: 0.2}, A: after_word, B: after_word,
-                          C: after_word})
+    model = markov_model(
+        {START_ID: {A: 0.5, B: 0.3, C: 0.2}, A: after_word, B: after_word, C: after_word}
+    )
     for beam in (3, 5, 8):  # 8 > the 4 tokens allowed at the first step (a, b, c, <end>)
         assert decode.beam_search(model, np.zeros((3, 2), np.float32), 10, beam=beam) == [[A]] * 3
 
 
 def test_length_penalty_prefers_the_longer_caption_when_set():
     # "a" scores log(.9 * .55) over 2 tokens; "a b" scores log(.9 * .45) over 3 tokens.
-    model = markov_model({START_ID: {A: 0.9, C: 0.1}, A: {END_ID: 0.55, B: 0.45},
-                          B: {END_ID: 1.0}, C: {END_ID: 1.0}})
+    model = markov_model(
+        {START_ID: {A: 0.9, C: 0.1}, A: {END_ID: 0.55, B: 0.45}, B: {END_ID: 1.0}, C: {END_ID: 1.0}}
+    )
     assert decode.beam_search(model, FEATURES_2D, 10, beam=2) == [[A]]
     assert decode.beam_search(model, FEATURES_2D, 10, beam=2, length_penalty=1.0) == [[A, B]]
 
 
 def test_no_repeat_ngram_blocks_the_repeated_phrase():
-    model = markov_model({START_ID: {A: 1.0}, A: {B: 0.7, END_ID: 0.2, C: 0.1},
-                          B: {A: 0.8, END_ID: 0.2}, C: {END_ID: 1.0}})
+    model = markov_model(
+        {
+            START_ID: {A: 1.0},
+            A: {B: 0.7, END_ID: 0.2, C: 0.1},
+            B: {A: 0.8, END_ID: 0.2},
+            C: {END_ID: 1.0},
+        }
+    )
     assert decode.greedy(model, FEATURES_2D, 9) == [[A, B, A, B, A, B, A, B, A]]
     # "a b a" then "b" would repeat "a b": the next best after "a" is <end>.
     assert decode.beam_search(model, FEATURES_2D, 9, beam=1, no_repeat_ngram=2) == [[A, B, A]]
@@ -118,9 +134,12 @@ def test_beam_width_one_equals_greedy_and_batching_does_not_matter():
 def test_stepwise_greedy_equals_the_reference_decoder():
     """Stepping the LSTM state = re-running the pre-padded prefix through the notebook's model."""
     model = random_model(seed=3)
-    vocab = Vocabulary(tokens=("<pad>", "<unk>", "<start>", "<end>")
-                       + tuple(f"w{i}" for i in range(26)),
-                       counts=(0,) * 30, max_length=6, settings={})
+    vocab = Vocabulary(
+        tokens=("<pad>", "<unk>", "<start>", "<end>") + tuple(f"w{i}" for i in range(26)),
+        counts=(0,) * 30,
+        max_length=6,
+        settings={},
+    )
     features = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
     max_length = 6
     ours = decode.greedy(model, features, max_length)
@@ -137,8 +156,9 @@ def test_special_tokens_are_never_emitted():
     features = np.random.default_rng(4).normal(size=(6, 8)).astype(np.float32)
     logits = model({"features": features, "tokens": np.full((6, 1), START_ID)})
     assert set(np.argmax(keras.ops.convert_to_numpy(logits)[:, 0], axis=-1)) <= SPECIAL
-    outputs = (decode.greedy(model, features, 8)
-               + decode.beam_search(model, features, 8, beam=3, no_repeat_ngram=2))
+    outputs = decode.greedy(model, features, 8) + decode.beam_search(
+        model, features, 8, beam=3, no_repeat_ngram=2
+    )
     assert any(outputs)
     assert all(0 <= i < 30 and i not in SPECIAL | {END_ID} for words in outputs for i in words)
 

@@ -15,13 +15,18 @@ from captioner import demo, download
 from captioner.cli import main
 from captioner.errors import CaptionerError
 
-SMALL = {"demo.train_images": 12, "demo.dev_images": 4, "demo.test_images": 3,
-         "demo.image_size": 64}
+SMALL = {
+    "demo.train_images": 12,
+    "demo.dev_images": 4,
+    "demo.test_images": 3,
+    "demo.image_size": 64,
+}
 
 
 def make(tiny_config, tmp_path: Path, folder: str, seed: int = 0, **dotted):
-    return tiny_config("demo", **{**SMALL, "data.data_dir": str(tmp_path / folder), "seed": seed,
-                                  **dotted})
+    return tiny_config(
+        "demo", **{**SMALL, "data.data_dir": str(tmp_path / folder), "seed": seed, **dotted}
+    )
 
 
 def read_tokens(raw: Path) -> dict[str, list[str]]:
@@ -49,8 +54,10 @@ def test_layout_counts_and_captions(tiny_config, tmp_path):
     assert sorted(captions) == images
     assert all(len(set(texts)) == len(texts) == 5 for texts in captions.values())
 
-    splits = {s: (raw / "Flickr8k_text" / f"Flickr_8k.{s}Images.txt").read_text().split()
-              for s in ("train", "dev", "test")}
+    splits = {
+        s: (raw / "Flickr8k_text" / f"Flickr_8k.{s}Images.txt").read_text().split()
+        for s in ("train", "dev", "test")
+    }
     assert [len(splits[s]) for s in ("train", "dev", "test")] == [12, 4, 3]
     assert sorted(sum(splits.values(), [])) == images  # disjoint and covering
     assert json.loads((raw / "demo.json").read_text())["train_images"] == 12
@@ -115,9 +122,21 @@ def test_image_shows_the_captioned_colour_where_the_caption_says():
 
 
 def test_cli_demo_and_bad_settings(tmp_path):
-    args = ["download", "--dataset", "demo", "--data-dir", str(tmp_path),
-            "--set", "demo.train_images=3", "--set", "demo.dev_images=1",
-            "--set", "demo.test_images=1", "--set", "demo.image_size=48"]
+    args = [
+        "download",
+        "--dataset",
+        "demo",
+        "--data-dir",
+        str(tmp_path),
+        "--set",
+        "demo.train_images=3",
+        "--set",
+        "demo.dev_images=1",
+        "--set",
+        "demo.test_images=1",
+        "--set",
+        "demo.image_size=48",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "demo/raw/Flicker8k_Dataset").glob("*.jpg"))) == 5
@@ -134,8 +153,7 @@ def test_demo_cleans_with_the_flickr8k_code(tiny_config, tmp_path):
     clean.clean(cfg)
     frame, images_dir = clean.load_captions(cfg)
     assert images_dir == cfg.raw_dir / "Flicker8k_Dataset"
-    assert frame.groupby("split")["image"].nunique().to_dict() == {"train": 12, "dev": 4,
-                                                                    "test": 3}
+    assert frame.groupby("split")["image"].nunique().to_dict() == {"train": 12, "dev": 4, "test": 3}
     assert len(frame) == 19 * 5
 
 

@@ -93,24 +93,40 @@ def flickr8k_archives(flickr8k_fixtures: Path) -> dict[str, bytes]:
     dataset["__MACOSX/Flicker8k_Dataset/._" + images[0].name] = b"junk"
     dataset["Flicker8k_Dataset/._" + images[1].name] = b"junk"
     text = {p.name: p.read_bytes() for p in (flickr8k_fixtures / "Flickr8k_text").glob("*.txt")}
-    karpathy = {"images": [{"filename": images[0].name, "split": "train",
-                            "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}]}]}
-    return {"/Flickr8k_Dataset.zip": zip_bytes(dataset), "/Flickr8k_text.zip": zip_bytes(text),
-            "/caption_datasets.zip": zip_bytes({"dataset_flickr8k.json":
-                                                json.dumps(karpathy).encode()})}
+    karpathy = {
+        "images": [
+            {
+                "filename": images[0].name,
+                "split": "train",
+                "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}],
+            }
+        ]
+    }
+    return {
+        "/Flickr8k_Dataset.zip": zip_bytes(dataset),
+        "/Flickr8k_text.zip": zip_bytes(text),
+        "/caption_datasets.zip": zip_bytes(
+            {"dataset_flickr8k.json": json.dumps(karpathy).encode()}
+        ),
+    }
 
 
 def flickr8k_config(tiny_config, server: Server, archives: dict[str, bytes], **dotted):
     names = ["/Flickr8k_Dataset.zip", "/Flickr8k_text.zip"]
-    settings = {"download.urls": [server.url + n for n in names],
-                "download.md5": [md5(archives[n]) for n in names],
-                "download.karpathy_url": server.url + "/caption_datasets.zip",
-                "download.backoff": 0.01, "download.retries": 1, **dotted}
+    settings = {
+        "download.urls": [server.url + n for n in names],
+        "download.md5": [md5(archives[n]) for n in names],
+        "download.karpathy_url": server.url + "/caption_datasets.zip",
+        "download.backoff": 0.01,
+        "download.retries": 1,
+        **dotted,
+    }
     return tiny_config("flickr8k", **settings)
 
 
 def test_download_extracts_the_flickr8k_layout_then_reuses_it(
-        tiny_config, server, flickr8k_archives, flickr8k_fixtures, capsys):
+    tiny_config, server, flickr8k_archives, flickr8k_fixtures, capsys
+):
     server.files.update(flickr8k_archives)
     cfg = flickr8k_config(tiny_config, server, flickr8k_archives)
     raw = download.download(cfg)
@@ -141,9 +157,15 @@ def test_download_extracts_the_flickr8k_layout_then_reuses_it(
 def test_cut_transfer_resumes_from_the_partial_file(tiny_config, server, flickr8k_archives):
     server.files.update(flickr8k_archives)
     name, body = "/Flickr8k_text.zip", flickr8k_archives["/Flickr8k_text.zip"]
-    cfg = tiny_config("flickr8k", **{"download.urls": [server.url + name],
-                                     "download.md5": [md5(body)], "download.retries": 0,
-                                     "download.karpathy_url": ""})
+    cfg = tiny_config(
+        "flickr8k",
+        **{
+            "download.urls": [server.url + name],
+            "download.md5": [md5(body)],
+            "download.retries": 0,
+            "download.karpathy_url": "",
+        },
+    )
     server.cuts[name] = 1000
     with pytest.raises(CaptionerError, match="--mirror"):
         download.download(cfg)
@@ -160,8 +182,9 @@ def test_cut_transfer_is_resumed_by_a_retry_within_one_run(tmp_path, server):
     body = bytes(range(256)) * 40
     server.files["/data.bin"] = body
     server.cuts["/data.bin"] = 3000
-    dest = download.fetch(server.url + "/data.bin", tmp_path / "data.bin", md5(body),
-                          retries=1, backoff=0.01)
+    dest = download.fetch(
+        server.url + "/data.bin", tmp_path / "data.bin", md5(body), retries=1, backoff=0.01
+    )
     assert dest.read_bytes() == body
     assert server.requests == [("/data.bin", None), ("/data.bin", "bytes=3000-")]
 
@@ -179,8 +202,14 @@ def test_whole_partial_file_is_finished_without_refetching(tmp_path, server):
 def test_checksum_mismatch_is_one_line_and_keeps_nothing(tiny_config, server, flickr8k_archives):
     server.files.update(flickr8k_archives)
     actual = md5(flickr8k_archives["/Flickr8k_text.zip"])
-    cfg = tiny_config("flickr8k", **{"download.urls": [server.url + "/Flickr8k_text.zip"],
-                                     "download.md5": ["0" * 32], "download.karpathy_url": ""})
+    cfg = tiny_config(
+        "flickr8k",
+        **{
+            "download.urls": [server.url + "/Flickr8k_text.zip"],
+            "download.md5": ["0" * 32],
+            "download.karpathy_url": "",
+        },
+    )
     with pytest.raises(CaptionerError) as error:
         download.download(cfg)
     message = str(error.value)
@@ -188,15 +217,22 @@ def test_checksum_mismatch_is_one_line_and_keeps_nothing(tiny_config, server, fl
     assert actual in message and "0" * 32 in message
     assert list(cfg.raw_dir.iterdir()) == []  # neither the file nor its .part nor a marker
 
-    skip = tiny_config("flickr8k", **{"download.urls": [server.url + "/Flickr8k_text.zip"],
-                                      "download.md5": ["0" * 32], "download.karpathy_url": "",
-                                      "download.skip_checksum": True})
+    skip = tiny_config(
+        "flickr8k",
+        **{
+            "download.urls": [server.url + "/Flickr8k_text.zip"],
+            "download.md5": ["0" * 32],
+            "download.karpathy_url": "",
+            "download.skip_checksum": True,
+        },
+    )
     download.download(skip)
     assert (skip.raw_dir / "Flickr8k_text.zip").is_file()
 
 
-@pytest.mark.parametrize("evil", ["../evil.txt", "/tmp/evil.txt", "ok/../../evil.txt",
-                                  "C:/evil.txt"])
+@pytest.mark.parametrize(
+    "evil", ["../evil.txt", "/tmp/evil.txt", "ok/../../evil.txt", "C:/evil.txt"]
+)
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
 def test_archive_entries_outside_the_target_are_refused(tmp_path: Path, evil: str, kind: str):
     archive = tmp_path / f"bad.{kind}"
@@ -240,10 +276,24 @@ def closed_port() -> int:
 
 def test_dead_url_retries_then_one_line_cli_error(tmp_path: Path):
     url = f"http://127.0.0.1:{closed_port()}/Flickr8k_text.zip"
-    result = CliRunner().invoke(main, [
-        "download", "--dataset", "flickr8k", "--data-dir", str(tmp_path),
-        "--set", f'download.urls=["{url}"]', "--set", 'download.md5=[""]',
-        "--set", "download.retries=2", "--set", "download.backoff=0.01"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "download",
+            "--dataset",
+            "flickr8k",
+            "--data-dir",
+            str(tmp_path),
+            "--set",
+            f'download.urls=["{url}"]',
+            "--set",
+            'download.md5=[""]',
+            "--set",
+            "download.retries=2",
+            "--set",
+            "download.backoff=0.01",
+        ],
+    )
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
@@ -261,9 +311,15 @@ def test_missing_file_is_not_retried(tmp_path: Path, server):
 def test_mirror_replaces_the_host(tiny_config, server, flickr8k_archives):
     server.files["/mirror/Flickr8k_text.zip"] = flickr8k_archives["/Flickr8k_text.zip"]
     dead = f"http://127.0.0.1:{closed_port()}/releases/download/Flickr8k_text.zip"
-    cfg = tiny_config("flickr8k", **{"download.urls": [dead], "download.md5": [""],
-                                     "download.mirror": server.url + "/mirror/",
-                                     "download.karpathy_url": server.url + "/gone.zip"})
+    cfg = tiny_config(
+        "flickr8k",
+        **{
+            "download.urls": [dead],
+            "download.md5": [""],
+            "download.mirror": server.url + "/mirror/",
+            "download.karpathy_url": server.url + "/gone.zip",
+        },
+    )
     download.download(cfg)  # a dead Karpathy link is only a warning
     assert [path for path, _ in server.requests] == ["/mirror/Flickr8k_text.zip", "/gone.zip"]
     assert (cfg.raw_dir / "Flickr8k_text" / "Flickr8k.token.txt").is_file()
@@ -278,10 +334,13 @@ def test_builtin_table_matches_the_bundled_configs(tiny_config):
         assert download.sources(cfg) == download.sources(fallback) == list(download.DATASETS[name])
     mirrored = tiny_config("flickr8k", **{"download.mirror": "http://m.org/f8k"})
     assert [url for url, _ in download.sources(mirrored)] == [
-        "http://m.org/f8k/Flickr8k_Dataset.zip", "http://m.org/f8k/Flickr8k_text.zip"]
+        "http://m.org/f8k/Flickr8k_Dataset.zip",
+        "http://m.org/f8k/Flickr8k_text.zip",
+    ]
     with pytest.raises(CaptionerError, match="2 sums for 1 urls"):
-        download.sources(tiny_config("x", **{"download.urls": ["http://a/b.zip"],
-                                             "download.md5": ["", ""]}))
+        download.sources(
+            tiny_config("x", **{"download.urls": ["http://a/b.zip"], "download.md5": ["", ""]})
+        )
 
 
 def test_own_data_needs_no_download_and_unknown_dataset_says_how(tiny_config, tmp_path):

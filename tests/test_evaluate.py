@@ -101,8 +101,9 @@ def test_meteor_jar_dying_is_a_note_not_a_hang(monkeypatch):
     meteor_module = pytest.importorskip("pycocoevalcap.meteor.meteor")
 
     def dead_jar(self):
-        self.meteor_p = subprocess.Popen(["true"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
+        self.meteor_p = subprocess.Popen(
+            ["true"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         self.lock = threading.Lock()
 
     monkeypatch.setattr(meteor_module.Meteor, "__init__", dead_jar)
@@ -116,9 +117,10 @@ def test_meteor_with_java():
     if shutil.which("java") is None:
         pytest.skip("no java")
     pytest.importorskip("pycocoevalcap")
-    score, note = metrics.meteor(["a dog runs on the grass", "two men talk"],
-                                 [["a dog runs on the grass", "a dog running"],
-                                  ["a cat sleeps on a sofa"]])
+    score, note = metrics.meteor(
+        ["a dog runs on the grass", "two men talk"],
+        [["a dog runs on the grass", "a dog running"], ["a cat sleeps on a sofa"]],
+    )
     assert note == "" and 0.3 < score < 0.7  # one perfect caption, one unrelated
 
 
@@ -135,14 +137,22 @@ def write_run(tmp_path: Path, tiny_config, fixtures: Path, features: np.ndarray 
     from captioner.model import build_model
     from captioner.tokenizer import Vocabulary
 
-    cfg = tiny_config(**{"features.encoder": ENCODER, "features.precision": "float32",
-                         "model.embed_dim": 16, "model.units": 16, "model.dropout": 0.0,
-                         "model.normalize_features": False})
+    cfg = tiny_config(
+        **{
+            "features.encoder": ENCODER,
+            "features.precision": "float32",
+            "model.embed_dim": 16,
+            "model.units": 16,
+            "model.dropout": 0.0,
+            "model.normalize_features": False,
+        }
+    )
     images_dir = fixtures / "Flicker8k_Dataset"
     names = sorted(p.name for p in images_dir.glob("*.jpg"))
     captions = fixture_captions(fixtures)
-    split = {name: "train" if i < 14 else "dev" if i < 18 else "test"
-             for i, name in enumerate(names)}
+    split = {
+        name: "train" if i < 14 else "dev" if i < 18 else "test" for i, name in enumerate(names)
+    }
     rows = [(name, split[name], caption, caption) for name in names for caption in captions[name]]
     frame = pd.DataFrame(rows, columns=["image", "split", "caption", "raw"])
     cfg.dataset_dir.mkdir(parents=True)
@@ -151,8 +161,15 @@ def write_run(tmp_path: Path, tiny_config, fixtures: Path, features: np.ndarray 
 
     if features is None:
         features = np.random.default_rng(0).normal(size=(len(names), DIM)).astype(np.float32)
-    meta = {"encoder": ENCODER, "weights": "none", "seed": cfg.seed, "precision": "float32",
-            "dtype": "float32", "dim": DIM, "count": len(names)}
+    meta = {
+        "encoder": ENCODER,
+        "weights": "none",
+        "seed": cfg.seed,
+        "precision": "float32",
+        "dtype": "float32",
+        "dim": DIM,
+        "count": len(names),
+    }
     cfg.features_dir.mkdir(parents=True)
     np.save(cfg.features_dir / "features.npy", features)
     (cfg.features_dir / "ids.txt").write_text("".join(f"{n}\n" for n in names))
@@ -175,8 +192,7 @@ def write_run(tmp_path: Path, tiny_config, fixtures: Path, features: np.ndarray 
 
 
 @pytest.mark.slow
-def test_evaluate_writes_metrics_and_predictions(tmp_path, tiny_config, flickr8k_fixtures,
-                                                 capsys):
+def test_evaluate_writes_metrics_and_predictions(tmp_path, tiny_config, flickr8k_fixtures, capsys):
     from captioner import decode, evaluate
     from captioner.caption import load_run
 
@@ -193,13 +209,15 @@ def test_evaluate_writes_metrics_and_predictions(tmp_path, tiny_config, flickr8k
     test = frame[frame["split"] == "test"]
     assert list(predictions["image"]) == list(dict.fromkeys(test["image"]))
     references = [refs.split(" | ") for refs in predictions["references"]]
-    assert references == [list(test.loc[test["image"] == i, "caption"]) for i in
-                          predictions["image"]]
+    assert references == [
+        list(test.loc[test["image"] == i, "caption"]) for i in predictions["image"]
+    ]
     # The captions are the beam-3 decoding of those images' cached features.
     run = load_run(run_dir, with_encoder=False)
     ids = (cfg.features_dir / "ids.txt").read_text().split()
-    features = np.load(cfg.features_dir / "features.npy")[[ids.index(i) for i in
-                                                          predictions["image"]]]
+    features = np.load(cfg.features_dir / "features.npy")[
+        [ids.index(i) for i in predictions["image"]]
+    ]
     expected = decode.beam_search(run.model, features, run.vocab.max_length, beam=3)
     assert list(predictions["caption"]) == [run.vocab.decode(words) for words in expected]
     assert len(set(predictions["caption"])) > 1
@@ -210,8 +228,9 @@ def test_evaluate_writes_metrics_and_predictions(tmp_path, tiny_config, flickr8k
 
     evaluate.evaluate(run_dir, split="test", with_meteor=False)
     assert "reusing" in capsys.readouterr().err
-    greedy = json.loads(evaluate.evaluate(run_dir, split="dev", beam=1,
-                                          with_meteor=False).read_text())
+    greedy = json.loads(
+        evaluate.evaluate(run_dir, split="dev", beam=1, with_meteor=False).read_text()
+    )
     assert (greedy["split"], greedy["images"], greedy["decoding"]["beam"]) == ("dev", 4, 1)
 
 

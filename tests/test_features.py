@@ -41,9 +41,16 @@ def write_bad_files(folder: Path, source: Path) -> dict[str, str]:
     photo.convert("RGBA").save(folder / "alpha.png")
     grey = np.asarray(photo.convert("L"), np.uint16) * 257  # the same picture in 16 bits
     Image.fromarray(grey).save(folder / "sixteen.png")
-    return {"zero.jpg": "empty", "truncated.jpg": "cannot decode", "text.jpg": "not an image",
-            "cmyk.jpg": "ok", "grey.png": "ok", "palette.png": "ok", "alpha.png": "ok",
-            "sixteen.png": "ok"}
+    return {
+        "zero.jpg": "empty",
+        "truncated.jpg": "cannot decode",
+        "text.jpg": "not an image",
+        "cmyk.jpg": "ok",
+        "grey.png": "ok",
+        "palette.png": "ok",
+        "alpha.png": "ok",
+        "sixteen.png": "ok",
+    }
 
 
 def write_dataset(cfg, names: list[str], images_dir: Path) -> None:
@@ -51,9 +58,15 @@ def write_dataset(cfg, names: list[str], images_dir: Path) -> None:
     cfg.dataset_dir.mkdir(parents=True, exist_ok=True)
     rows = [(name, "train", "a dog runs", "A dog runs.") for name in names]
     pd.DataFrame(rows, columns=["image", "split", "caption", "raw"]).to_csv(
-        cfg.captions_csv, index=False)
-    meta = {"format": "csv", "split": "random", "seed": 0, "images_dir": str(images_dir),
-            "counts": {"captions": len(rows)}}
+        cfg.captions_csv, index=False
+    )
+    meta = {
+        "format": "csv",
+        "split": "random",
+        "seed": 0,
+        "images_dir": str(images_dir),
+        "counts": {"captions": len(rows)},
+    }
     cfg.captions_csv.with_name("captions.json").write_text(json.dumps(meta))
 
 
@@ -72,8 +85,9 @@ def test_load_image_equals_keras_load_img(flickr8k_fixtures, tmp_path):
 
     photos = fixture_images(flickr8k_fixtures, 3)
     expected = write_bad_files(tmp_path, photos[0])
-    convertible = [tmp_path / name for name, how in expected.items()
-                   if how == "ok" and name != "sixteen.png"]
+    convertible = [
+        tmp_path / name for name, how in expected.items() if how == "ok" and name != "sixteen.png"
+    ]
     for path in photos + convertible:
         reference = np.asarray(keras.utils.load_img(path, target_size=(224, 224)))
         ours = load_image(path)
@@ -86,8 +100,9 @@ def test_16_bit_image_is_scaled_not_clipped(flickr8k_fixtures, tmp_path):
 
     write_bad_files(tmp_path, fixture_images(flickr8k_fixtures, 1)[0])
     # Pillow's own convert("RGB") clips 16-bit values to 255; ours keeps the picture.
-    np.testing.assert_array_equal(load_image(tmp_path / "sixteen.png"),
-                                  load_image(tmp_path / "grey.png"))
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "sixteen.png"), load_image(tmp_path / "grey.png")
+    )
 
 
 def test_bad_files_raise_bad_image_with_reason(flickr8k_fixtures, tmp_path, monkeypatch):
@@ -130,15 +145,23 @@ def test_weights_from_file_missing_file_and_failed_download(tmp_path, monkeypatc
         features.build_encoder("vgg17", "none")
 
 
-def test_extract_lists_bad_images_and_reuses_finished_cache(flickr8k_fixtures, tiny_config,
-                                                            tmp_path, capsys):
+def test_extract_lists_bad_images_and_reuses_finished_cache(
+    flickr8k_fixtures, tiny_config, tmp_path, capsys
+):
     folder = tmp_path / "images"
     photos = copy_images(fixture_images(flickr8k_fixtures, 4), folder)
     expected = write_bad_files(folder, folder / photos[0])
     names = photos[:2] + list(expected) + ["absent.jpg"] + photos[2:]
-    cfg = tiny_config("mine", **{"features.encoder": SMALL, "features.weights": "none",
-                                 "features.chunk_size": 3, "features.batch_size": 2,
-                                 "features.precision": "float32"})
+    cfg = tiny_config(
+        "mine",
+        **{
+            "features.encoder": SMALL,
+            "features.weights": "none",
+            "features.chunk_size": 3,
+            "features.batch_size": 2,
+            "features.precision": "float32",
+        },
+    )
     write_dataset(cfg, names, folder)
 
     out = features.extract(cfg)
@@ -176,8 +199,13 @@ def test_merged_shards_equal_unsharded_run(flickr8k_fixtures, tiny_config, tmp_p
     folder = flickr8k_fixtures / "Flicker8k_Dataset"
     names = [p.name for p in fixture_images(flickr8k_fixtures, 9)]
     names.insert(4, "absent.jpg")
-    settings = {"features.encoder": SMALL, "features.weights": "none", "features.chunk_size": 2,
-                "features.batch_size": 2, "features.dtype": "float16"}
+    settings = {
+        "features.encoder": SMALL,
+        "features.weights": "none",
+        "features.chunk_size": 2,
+        "features.batch_size": 2,
+        "features.dtype": "float16",
+    }
     whole = tiny_config("mine", **settings)
     write_dataset(whole, names, folder)
     expected = features.load_cache(features.extract(whole))
@@ -185,20 +213,31 @@ def test_merged_shards_equal_unsharded_run(flickr8k_fixtures, tiny_config, tmp_p
     sharded = tiny_config("mine", **settings, **{"data.data_dir": str(tmp_path / "sharded")})
     write_dataset(sharded, names, folder)
     for index in (0, 2):  # 5 chunks in 3 shards: 2 + 2 + 1
-        path = features.extract(tiny_config("mine", **settings, **{
-            "data.data_dir": str(tmp_path / "sharded"), "features.shard": f"{index}/3"}))
+        path = features.extract(
+            tiny_config(
+                "mine",
+                **settings,
+                **{"data.data_dir": str(tmp_path / "sharded"), "features.shard": f"{index}/3"},
+            )
+        )
         assert path == sharded.features_dir / "shards" / f"{index}-of-3"
     with pytest.raises(CaptionerError, match=r"shard 1/3 is not finished"):
         features.merge_shards(sharded)
-    features.extract(tiny_config("mine", **settings, **{
-        "data.data_dir": str(tmp_path / "sharded"), "features.shard": "1/3"}))
+    features.extract(
+        tiny_config(
+            "mine",
+            **settings,
+            **{"data.data_dir": str(tmp_path / "sharded"), "features.shard": "1/3"},
+        )
+    )
 
     merged = features.load_cache(features.merge_shards(sharded))
     assert features.load_cache(sharded.features_dir / "shards" / "2-of-3").ids == names[-2:]
     assert merged.ids == expected.ids and merged.features.dtype == np.float16
     np.testing.assert_array_equal(merged.features, expected.features)
-    assert ((merged.path / "bad_images.txt").read_text()
-            == (expected.path / "bad_images.txt").read_text())
+    assert (merged.path / "bad_images.txt").read_text() == (
+        expected.path / "bad_images.txt"
+    ).read_text()
     assert merged.meta["missing"] == 1 and merged.meta["merged_shards"] == 3
 
 
@@ -264,18 +303,38 @@ def test_vgg16_equals_reference_loop_and_bfloat16_is_close(flickr8k_fixtures):
 def test_killed_run_resumes_to_the_same_array(flickr8k_fixtures, tiny_config, tmp_path):
     names = [p.name for p in fixture_images(flickr8k_fixtures, 12)]
     # seed 3 and auto precision: the in-process run reuses the encoder built by the test above
-    settings = {"features.weights": "none", "features.chunk_size": 2, "features.batch_size": 2,
-                "seed": 3}
+    settings = {
+        "features.weights": "none",
+        "features.chunk_size": 2,
+        "features.batch_size": 2,
+        "seed": 3,
+    }
     killed = tiny_config("mine", **settings, **{"data.data_dir": str(tmp_path / "killed")})
     write_dataset(killed, names, flickr8k_fixtures / "Flicker8k_Dataset")
-    command = [sys.executable, "-m", "captioner.cli", "features", "--dataset", "mine",
-               "--data-dir", str(tmp_path / "killed"), "--weights", "none", "--batch-size", "2",
-               "--set", "features.chunk_size=2", "--seed", "3"]
+    command = [
+        sys.executable,
+        "-m",
+        "captioner.cli",
+        "features",
+        "--dataset",
+        "mine",
+        "--data-dir",
+        str(tmp_path / "killed"),
+        "--weights",
+        "none",
+        "--batch-size",
+        "2",
+        "--set",
+        "features.chunk_size=2",
+        "--seed",
+        "3",
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     chunks = killed.features_dir / "chunks"
 
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 180
     while not (chunks / "00000.json").exists() and process.poll() is None:
         assert time.monotonic() < deadline, "no chunk written in 180 s"

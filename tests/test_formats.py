@@ -50,8 +50,9 @@ def test_malformed_and_unreadable_lines_are_numbered_the_rest_loads(tmp_path, fl
     path.write_bytes(b"\n".join(lines) + b"\n")
     source = formats.read_token_file(path)
     assert source.malformed == [3, 5]
-    assert [caption for _, caption in source.records] == [line.split("\t")[1] for line in
-                                                          token_lines(flickr8k_fixtures)[:6]]
+    assert [caption for _, caption in source.records] == [
+        line.split("\t")[1] for line in token_lines(flickr8k_fixtures)[:6]
+    ]
 
 
 def test_unreadable_or_empty_files_are_one_line_errors(tmp_path, flickr8k_fixtures):
@@ -59,8 +60,11 @@ def test_unreadable_or_empty_files_are_one_line_errors(tmp_path, flickr8k_fixtur
     utf16.write_text("\n".join(token_lines(flickr8k_fixtures)[:5]), encoding="utf-16")
     empty = tmp_path / "captions.txt"
     empty.write_text("image,caption\n", encoding="utf-8")
-    for fmt, path, problem in [("flickr8k", utf16, "not UTF-8"), ("kaggle", empty, "no captions"),
-                               ("flickr8k", tmp_path / "missing.txt", "cannot read")]:
+    for fmt, path, problem in [
+        ("flickr8k", utf16, "not UTF-8"),
+        ("kaggle", empty, "no captions"),
+        ("flickr8k", tmp_path / "missing.txt", "cannot read"),
+    ]:
         with pytest.raises(CaptionerError) as error:
             formats.read(fmt, path)
         assert str(path) in str(error.value) and problem in str(error.value)
@@ -92,7 +96,8 @@ def test_flickr30k_results_csv_and_its_broken_line(tmp_path, flickr8k_fixtures):
     source = formats.read("flickr30k", path)
     assert source.malformed == [5]
     assert [(image, text.strip()) for image, text in source.records] == [
-        (image, text) for image, texts in captions for text in texts]
+        (image, text) for image, texts in captions for text in texts
+    ]
     renamed = tmp_path / "flickr30k_captions.csv"
     renamed.write_bytes(path.read_bytes())
     assert formats.detect_format(renamed) == "flickr30k"
@@ -106,13 +111,19 @@ def test_hugging_face_annotations_csv_gives_its_split(tmp_path, flickr8k_fixture
         writer.writerow(["raw", "sentids", "split", "filename", "img_id"])
         splits = ["train", "val", "test"]
         for index, ((image, texts), split) in enumerate(zip(captions, splits, strict=True)):
-            writer.writerow([json.dumps(texts), json.dumps(list(range(5 * index, 5 * index + 5))),
-                             split, image, index])
+            writer.writerow(
+                [
+                    json.dumps(texts),
+                    json.dumps(list(range(5 * index, 5 * index + 5))),
+                    split,
+                    image,
+                    index,
+                ]
+            )
         writer.writerow(["not json", "[]", "train", "x.jpg", 9])
     source = formats.read("hf", path)
     assert source.malformed == [5]
-    assert source.splits == {captions[0][0]: "train", captions[1][0]: "dev",
-                             captions[2][0]: "test"}
+    assert source.splits == {captions[0][0]: "train", captions[1][0]: "dev", captions[2][0]: "test"}
     assert source.records == [(image, text) for image, texts in captions for text in texts]
     assert formats.detect_format(path) == "hf"
 
@@ -120,9 +131,14 @@ def test_hugging_face_annotations_csv_gives_its_split(tmp_path, flickr8k_fixture
 def test_karpathy_json_maps_val_to_dev_and_restval_to_train(tmp_path, flickr8k_fixtures):
     captions = real_captions(flickr8k_fixtures, 4)
     splits = ["train", "val", "test", "restval"]
-    images = [{"filename": image, "split": split, "sentences": [
-        {"raw": text, "tokens": text.lower().split()} for text in texts]}
-        for (image, texts), split in zip(captions, splits, strict=True)]
+    images = [
+        {
+            "filename": image,
+            "split": split,
+            "sentences": [{"raw": text, "tokens": text.lower().split()} for text in texts],
+        }
+        for (image, texts), split in zip(captions, splits, strict=True)
+    ]
     images.append({"filename": "broken.jpg", "split": "train"})  # no sentences
     path = tmp_path / "dataset_flickr8k.json"
     path.write_text(json.dumps({"images": images, "dataset": "flickr8k"}), encoding="utf-8")
@@ -134,9 +150,14 @@ def test_karpathy_json_maps_val_to_dev_and_restval_to_train(tmp_path, flickr8k_f
 
 def test_coco_json_and_an_annotation_of_an_unknown_image(tmp_path, flickr8k_fixtures):
     captions = real_captions(flickr8k_fixtures, 2)
-    data = {"images": [{"id": 10 + i, "file_name": image} for i, (image, _) in enumerate(captions)],
-            "annotations": [{"image_id": 10 + i, "caption": text}
-                            for i, (_, texts) in enumerate(captions) for text in texts]}
+    data = {
+        "images": [{"id": 10 + i, "file_name": image} for i, (image, _) in enumerate(captions)],
+        "annotations": [
+            {"image_id": 10 + i, "caption": text}
+            for i, (_, texts) in enumerate(captions)
+            for text in texts
+        ],
+    }
     data["annotations"].insert(2, {"image_id": 99, "caption": "an image that is not listed"})
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(data), encoding="utf-8")
@@ -152,8 +173,14 @@ def test_custom_csv_with_optional_split_column(tmp_path, flickr8k_fixtures):
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "caption", "split"])
-        writer.writerows([[first, texts_a[0], "train"], [second, texts_b[0], "val"],
-                          [first, texts_a[1], "test"], [second, texts_b[1], "holdout"]])
+        writer.writerows(
+            [
+                [first, texts_a[0], "train"],
+                [second, texts_b[0], "val"],
+                [first, texts_a[1], "test"],
+                [second, texts_b[1], "holdout"],
+            ]
+        )
     source = formats.read("csv", path)
     assert source.splits == {first: "train", second: "dev"}
     assert source.malformed == [4, 5]  # first in two splits; an unknown split name
@@ -169,15 +196,23 @@ def test_custom_csv_with_optional_split_column(tmp_path, flickr8k_fixtures):
 
 def test_find_sources_prefers_the_richest_file_and_skips_macosx(tmp_path):
     raw = tmp_path / "raw"
-    for relative in ["captions.txt", "Flickr8k_text/Flickr8k.token.txt",
-                     "__MACOSX/Flickr8k.token.txt", "Flickr8k_text/Flickr8k.lemma.token.txt"]:
+    for relative in [
+        "captions.txt",
+        "Flickr8k_text/Flickr8k.token.txt",
+        "__MACOSX/Flickr8k.token.txt",
+        "Flickr8k_text/Flickr8k.lemma.token.txt",
+    ]:
         (raw / relative).parent.mkdir(parents=True, exist_ok=True)
         (raw / relative).write_text("x", encoding="utf-8")
     found = formats.find_sources(raw)
-    assert found == {"captions.txt": raw / "captions.txt",
-                     "Flickr8k.token.txt": raw / "Flickr8k_text" / "Flickr8k.token.txt"}
+    assert found == {
+        "captions.txt": raw / "captions.txt",
+        "Flickr8k.token.txt": raw / "Flickr8k_text" / "Flickr8k.token.txt",
+    }
     assert formats.choose_source(found, "auto", "flickr8k", raw) == (
-        "flickr8k", raw / "Flickr8k_text" / "Flickr8k.token.txt")
+        "flickr8k",
+        raw / "Flickr8k_text" / "Flickr8k.token.txt",
+    )
     kaggle = formats.choose_source(found, "kaggle", "flickr8k", raw)
     assert kaggle == ("kaggle", raw / "captions.txt")
     with pytest.raises(CaptionerError, match="flickr_annotations_30k.csv"):

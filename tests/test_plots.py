@@ -38,8 +38,10 @@ def captions(flickr8k_fixtures: Path, images_dir: Path) -> pd.DataFrame:
 
 def pixel_features(images_dir: Path, names: list[str]) -> np.ndarray:
     """A cheap real image descriptor: each image shrunk to 8x8 RGB, (N, 192) float32."""
-    rows = [np.asarray(Image.open(images_dir / n).convert("RGB").resize((8, 8)), np.float32)
-            for n in names]
+    rows = [
+        np.asarray(Image.open(images_dir / n).convert("RGB").resize((8, 8)), np.float32)
+        for n in names
+    ]
     return np.stack(rows).reshape(len(names), -1) / 255.0
 
 
@@ -109,8 +111,9 @@ def test_feature_clusters_samples_large_caches_without_repeats():
 def test_feature_space_with_thumbnails(images_dir, tmp_path):
     names = sorted(p.name for p in images_dir.glob("*.jpg"))
     features = pixel_features(images_dir, names)
-    out = plots.feature_space(features, names, images_dir, tmp_path / "features.png", clusters=3,
-                              examples=3)
+    out = plots.feature_space(
+        features, names, images_dir, tmp_path / "features.png", clusters=3, examples=3
+    )
     assert_png(out, min_size=(800, 400))
 
 
@@ -127,12 +130,18 @@ def test_loss_curves_from_a_run_history(tmp_path):
 
 def test_prediction_grid_with_references(captions, images_dir, tmp_path):
     test = captions[captions["split"] == "test"].groupby("image")["caption"].apply(list)
-    predictions = pd.DataFrame({"image": test.index, "caption": "a dog runs on the grass",
-                                "references": [" | ".join(r) for r in test]})
+    predictions = pd.DataFrame(
+        {
+            "image": test.index,
+            "caption": "a dog runs on the grass",
+            "references": [" | ".join(r) for r in test],
+        }
+    )
     csv = tmp_path / "predictions.csv"
     predictions.to_csv(csv, index=False)
-    assert_png(plots.prediction_grid(csv, images_dir, tmp_path / "predictions.png"),
-               min_size=(800, 500))
+    assert_png(
+        plots.prediction_grid(csv, images_dir, tmp_path / "predictions.png"), min_size=(800, 500)
+    )
 
     predictions.drop(columns="references").to_csv(csv, index=False)
     with pytest.raises(CaptionerError, match=r"predictions.csv: missing columns \['references'\]"):
@@ -168,23 +177,31 @@ def test_plot_stage_writes_dataset_and_run_plots(tiny_config, flickr8k_fixtures,
     cfg = tiny_config("demo")
     dataset_with_images(cfg, flickr8k_fixtures)
     out = tmp_path / "plots"
-    assert plots.plot(cfg, out) == [out / "samples.png", out / "word_frequencies.png",
-                                    out / "feature_space.png"]
+    assert plots.plot(cfg, out) == [
+        out / "samples.png",
+        out / "word_frequencies.png",
+        out / "feature_space.png",
+    ]
     assert "skipping loss.png: no --run given" in capsys.readouterr().err
 
     run = tmp_path / "runs" / "demo"
     run.mkdir(parents=True)
     (run / "history.csv").write_text("epoch,loss,val_loss\n1,5.0,4.8\n2,4.1,4.3\n")
     written = plots.plot(cfg, out, run)
-    assert [p.name for p in written] == ["samples.png", "word_frequencies.png",
-                                         "feature_space.png", "loss.png"]
+    assert [p.name for p in written] == [
+        "samples.png",
+        "word_frequencies.png",
+        "feature_space.png",
+        "loss.png",
+    ]
     assert "skipping predictions.png: " in capsys.readouterr().err
     for path in written:
         assert_png(path)
 
 
-def test_plot_stage_skips_features_without_a_cache(tiny_config, flickr8k_fixtures, tmp_path,
-                                                   capsys):
+def test_plot_stage_skips_features_without_a_cache(
+    tiny_config, flickr8k_fixtures, tmp_path, capsys
+):
     from tinydata import write_captions
 
     cfg = tiny_config("demo")
@@ -200,12 +217,21 @@ def test_plot_command_errors_are_one_line(tmp_path, flickr8k_fixtures, tiny_conf
 
     from captioner.cli import main
 
-    base = ["plot", "--dataset", "demo", "--data-dir", str(tmp_path / "data"),
-            "--out", str(tmp_path / "plots")]
+    base = [
+        "plot",
+        "--dataset",
+        "demo",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "plots"),
+    ]
     result = CliRunner().invoke(main, base)
     assert result.exit_code == 1 and "captions.csv: not found" in result.output
     write_captions(tiny_config("demo"), flickr8k_fixtures, {"train": 2})
     result = CliRunner().invoke(main, [*base, "--run", str(tmp_path / "runs" / "nope")])
     assert result.exit_code == 1
-    assert result.output.strip() == (f"Error: {tmp_path / 'runs' / 'nope'}: run directory not "
-                                     "found; pass a folder made by `captioner train`")
+    assert result.output.strip() == (
+        f"Error: {tmp_path / 'runs' / 'nope'}: run directory not "
+        "found; pass a folder made by `captioner train`"
+    )

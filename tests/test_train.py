@@ -24,9 +24,16 @@ from captioner.io import read_json
 from captioner.tokenizer import Vocabulary
 
 SIZES = {"train": 40, "dev": 10}
-TINY = {"model.units": 16, "model.embed_dim": 8, "model.dropout": 0.0, "train.epochs": 2,
-        "train.learning_rate": 0.01,
-        "train.batch_size": 16, "tokenizer.min_count": 2, "train.patience": 0}
+TINY = {
+    "model.units": 16,
+    "model.embed_dim": 8,
+    "model.dropout": 0.0,
+    "train.epochs": 2,
+    "train.learning_rate": 0.01,
+    "train.batch_size": 16,
+    "tokenizer.min_count": 2,
+    "train.patience": 0,
+}
 CLI_TINY = [f"--set={key}={value}" for key, value in TINY.items() if key != "train.epochs"]
 
 
@@ -69,16 +76,18 @@ def test_run_directory_holds_everything_later_stages_need(trained):
 
     model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     vocab = Vocabulary.load(run_dir / "vocab.json")
-    logits = model({"features": np.zeros((3, 7), np.float32),
-                    "tokens": np.ones((3, 5), np.int32)})
+    logits = model({"features": np.zeros((3, 7), np.float32), "tokens": np.ones((3, 5), np.int32)})
     assert tuple(logits.shape) == (3, 5, vocab.size)
 
 
 @pytest.mark.slow  # trains the `trained` fixture's run
 def test_same_seed_gives_the_same_history(trained, capsys):
     cfg, run_dir = trained
-    again = train.train(mini_config(Path(cfg.data.data_dir).parent, **{
-        "train.name": "b", "features.encoder": "handmade"}))
+    again = train.train(
+        mini_config(
+            Path(cfg.data.data_dir).parent, **{"train.name": "b", "features.encoder": "handmade"}
+        )
+    )
     assert (again / "history.csv").read_text() == (run_dir / "history.csv").read_text()
     err = capsys.readouterr().err
     assert "dev: skipped 5 captions of 1 images that have no feature row" in err
@@ -89,19 +98,42 @@ def test_same_seed_gives_the_same_history(trained, capsys):
 def test_existing_run_is_never_overwritten(trained):
     cfg, run_dir = trained
     before = (run_dir / "history.csv").read_text()
-    result = CliRunner().invoke(main, ["train", "--dataset", "mini", "--data-dir",
-                                       cfg.data.data_dir, "--set", f"train.runs_dir="
-                                       f"{cfg.train.runs_dir}", "--name", "a"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--dataset",
+            "mini",
+            "--data-dir",
+            cfg.data.data_dir,
+            "--set",
+            f"train.runs_dir={cfg.train.runs_dir}",
+            "--name",
+            "a",
+        ],
+    )
     assert result.exit_code == 1
-    assert result.output.strip() == (f"Error: {run_dir}: a run of this name exists; add --resume "
-                                     "to continue it, or choose another --name")
+    assert result.output.strip() == (
+        f"Error: {run_dir}: a run of this name exists; add --resume "
+        "to continue it, or choose another --name"
+    )
     assert train.train(cfg, resume=True) == run_dir  # finished: nothing to do
     with pytest.raises(CaptionerError, match="the run has model.units=16, this command 32"):
-        train.train(mini_config(Path(cfg.data.data_dir).parent, **{
-            "train.name": "a", "features.encoder": "handmade", "model.units": 32}), resume=True)
+        train.train(
+            mini_config(
+                Path(cfg.data.data_dir).parent,
+                **{"train.name": "a", "features.encoder": "handmade", "model.units": 32},
+            ),
+            resume=True,
+        )
     with pytest.raises(CaptionerError, match="no such run to resume"):
-        train.train(mini_config(Path(cfg.data.data_dir).parent, **{
-            "train.name": "nope", "features.encoder": "handmade"}), resume=True)
+        train.train(
+            mini_config(
+                Path(cfg.data.data_dir).parent,
+                **{"train.name": "nope", "features.encoder": "handmade"},
+            ),
+            resume=True,
+        )
     assert (run_dir / "history.csv").read_text() == before
 
 
@@ -125,15 +157,28 @@ def test_early_stopping_best_model_and_checkpoint_pruning(tmp_path):
     assert [r["val_loss"] for r in history(tmp_path)] == ["3.0", "2.0", "2.5", "2.1"]
 
 
-@pytest.mark.parametrize("tf_config, chief", [
-    (None, True),
-    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, True),
-    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, False),
-    ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
-     False),
-    ({"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
-     True),
-])
+@pytest.mark.parametrize(
+    "tf_config, chief",
+    [
+        (None, True),
+        ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}, True),
+        ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}, False),
+        (
+            {
+                "cluster": {"chief": ["c:0"], "worker": ["a:1"]},
+                "task": {"type": "worker", "index": 0},
+            },
+            False,
+        ),
+        (
+            {
+                "cluster": {"chief": ["c:0"], "worker": ["a:1"]},
+                "task": {"type": "chief", "index": 0},
+            },
+            True,
+        ),
+    ],
+)
 def test_only_the_chief_writes_the_run(monkeypatch, tf_config, chief):
     monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config) if tf_config else "")
     assert distribute.is_chief("multiworker") is chief
@@ -154,17 +199,31 @@ def captioner_cli(*args: str, env: dict | None = None, code: str = "") -> subpro
     command = [sys.executable, *(["-c", code] if code else ["-m", "captioner.cli"]), *args]
     environment = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
     environment.update({"TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})})
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=environment)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    )
 
 
 @pytest.mark.slow
 def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_fixtures):
     cfg = mini_config(tmp_path, **{"features.encoder": "handmade"})
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=7)
-    args = ["train", "--dataset", "mini", "--data-dir", cfg.data.data_dir, "--set",
-            f"train.runs_dir={cfg.train.runs_dir}", "--encoder", "handmade", "--name", "k",
-            "--epochs", "4", *CLI_TINY]
+    args = [
+        "train",
+        "--dataset",
+        "mini",
+        "--data-dir",
+        cfg.data.data_dir,
+        "--set",
+        f"train.runs_dir={cfg.train.runs_dir}",
+        "--encoder",
+        "handmade",
+        "--name",
+        "k",
+        "--epochs",
+        "4",
+        *CLI_TINY,
+    ]
     run_dir = Path(cfg.train.runs_dir) / "k"
     process = captioner_cli(*args)
     deadline = time.monotonic() + 120
@@ -206,9 +265,22 @@ def last_losses(stderr: str) -> tuple[float, float]:
 
 def same_run_args(cfg, name: str) -> list[str]:
     """CLI arguments that repeat the `trained` fixture's run (1 epoch) under another name."""
-    return ["train", "--dataset", "mini", "--data-dir", cfg.data.data_dir, "--set",
-            f"train.runs_dir={cfg.train.runs_dir}", "--encoder", "handmade", "--name", name,
-            "--epochs", "1", *CLI_TINY]  # one epoch: compared with the fixture's first
+    return [
+        "train",
+        "--dataset",
+        "mini",
+        "--data-dir",
+        cfg.data.data_dir,
+        "--set",
+        f"train.runs_dir={cfg.train.runs_dir}",
+        "--encoder",
+        "handmade",
+        "--name",
+        name,
+        "--epochs",
+        "1",
+        *CLI_TINY,
+    ]  # one epoch: compared with the fixture's first
 
 
 MIRRORED = """import sys
@@ -241,9 +313,19 @@ def test_mirrored_over_two_cpus_reaches_the_single_device_loss(trained):
 def test_two_local_workers_reach_the_single_device_loss(trained):
     cfg, _ = trained
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    workers = [captioner_cli(*same_run_args(cfg, "mw"), "--strategy", "multiworker", env={
-        "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
-        for i in range(2)]
+    workers = [
+        captioner_cli(
+            *same_run_args(cfg, "mw"),
+            "--strategy",
+            "multiworker",
+            env={
+                "TF_CONFIG": json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": i}}
+                )
+            },
+        )
+        for i in range(2)
+    ]
     outputs = [worker.communicate(timeout=300) for worker in workers]
     for worker, (_, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err[-2000:]
@@ -257,11 +339,30 @@ def test_two_local_workers_reach_the_single_device_loss(trained):
 
 @pytest.mark.slow
 def test_cli_train_runs_every_missing_stage_on_a_tiny_demo_dataset(tmp_path, capsys):
-    args = ["train", "--dataset", "demo", "--data-dir", str(tmp_path / "data"), "--set",
-            f"train.runs_dir={tmp_path / 'runs'}", "--encoder", "mobilenetv3small",
-            "--weights", "none", "--epochs", "2", "--set", "demo.train_images=40", "--set",
-            "demo.dev_images=10", "--set", "demo.test_images=5", "--set", "demo.image_size=64",
-            *CLI_TINY]
+    args = [
+        "train",
+        "--dataset",
+        "demo",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--set",
+        f"train.runs_dir={tmp_path / 'runs'}",
+        "--encoder",
+        "mobilenetv3small",
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--set",
+        "demo.train_images=40",
+        "--set",
+        "demo.dev_images=10",
+        "--set",
+        "demo.test_images=5",
+        "--set",
+        "demo.image_size=64",
+        *CLI_TINY,
+    ]
     first = CliRunner().invoke(main, [*args, "--name", "demo1"])
     assert first.exit_code == 0, first.output
     run_dir = tmp_path / "runs" / "demo1"

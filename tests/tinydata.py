@@ -16,8 +16,11 @@ import pandas as pd
 from captioner.config import Config
 from captioner.text import normalize
 
-SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
-               "test": "Flickr_8k.testImages.txt"}
+SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "dev": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 
 
 def fixture_captions(fixtures: Path) -> dict[str, list[str]]:
@@ -40,8 +43,13 @@ def write_captions(cfg: Config, fixtures: Path, sizes: dict[str, int]) -> pd.Dat
     frame = pd.DataFrame(rows, columns=["image", "split", "caption", "raw"])
     cfg.dataset_dir.mkdir(parents=True, exist_ok=True)
     frame.to_csv(cfg.captions_csv, index=False)
-    meta = {"format": "flickr8k", "split": "official", "seed": cfg.seed,
-            "images_dir": "raw/Flicker8k_Dataset", "counts": {"captions": len(frame)}}
+    meta = {
+        "format": "flickr8k",
+        "split": "official",
+        "seed": cfg.seed,
+        "images_dir": "raw/Flicker8k_Dataset",
+        "counts": {"captions": len(frame)},
+    }
     cfg.captions_csv.with_name("captions.json").write_text(json.dumps(meta))
     return frame
 
@@ -53,14 +61,20 @@ def write_features(features_dir: Path, ids: list[str], dim: int, seed: int = 0) 
     np.save(features_dir / "features.npy", features)
     (features_dir / "ids.txt").write_text("".join(f"{name}\n" for name in ids))
     (features_dir / "bad_images.txt").write_text("")
-    meta = {"encoder": features_dir.name, "weights": "hand-made", "dim": dim, "count": len(ids),
-            "dtype": "float32"}
+    meta = {
+        "encoder": features_dir.name,
+        "weights": "hand-made",
+        "dim": dim,
+        "count": len(ids),
+        "dtype": "float32",
+    }
     (features_dir / "meta.json").write_text(json.dumps(meta))
     return features
 
 
-def write_dataset(cfg: Config, fixtures: Path, sizes: dict[str, int], dim: int = 7,
-                  drop: int = 0) -> pd.DataFrame:
+def write_dataset(
+    cfg: Config, fixtures: Path, sizes: dict[str, int], dim: int = 7, drop: int = 0
+) -> pd.DataFrame:
     """captions + a feature cache for cfg.features.encoder; the last `drop` images get no row."""
     frame = write_captions(cfg, fixtures, sizes)
     ids = list(dict.fromkeys(frame["image"]))

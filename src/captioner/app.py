@@ -53,13 +53,16 @@ def check_run_dir(run_dir: Path) -> Path:
     """The run directory if it holds a trained model, else a CaptionerError naming the fix."""
     run_dir = Path(run_dir)
     if not (run_dir / "model.keras").is_file():
-        raise CaptionerError(f"{run_dir}: not a trained run (no model.keras); "
-                             "pass a folder made by `captioner train`")
+        raise CaptionerError(
+            f"{run_dir}: not a trained run (no model.keras); "
+            "pass a folder made by `captioner train`"
+        )
     return run_dir
 
 
-def app_environment(run_dirs: Sequence[Path], examples: Path | None = None,
-                    base: Mapping[str, str] = os.environ) -> dict[str, str]:
+def app_environment(
+    run_dirs: Sequence[Path], examples: Path | None = None, base: Mapping[str, str] = os.environ
+) -> dict[str, str]:
     """The environment that tells the page which runs (and example folder) to use."""
     if not run_dirs:
         raise CaptionerError("no model given; pass --model runs/NAME (repeatable)")
@@ -72,13 +75,31 @@ def app_environment(run_dirs: Sequence[Path], examples: Path | None = None,
 
 def streamlit_command(host: str = "127.0.0.1", port: int = 8501) -> list[str]:
     """`streamlit run` on this file, headless, without usage statistics."""
-    return [sys.executable, "-m", "streamlit", "run", str(Path(__file__).resolve()),
-            "--server.address", host, "--server.port", str(port), "--server.headless", "true",
-            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(Path(__file__).resolve()),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+    ]
 
 
-def launch(run_dirs: Sequence[Path], examples: Path | None = None, host: str = "127.0.0.1",
-           port: int = 8501) -> int:
+def launch(
+    run_dirs: Sequence[Path],
+    examples: Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8501,
+) -> int:
     """Serve the page until interrupted; returns streamlit's exit code."""
     env = app_environment(run_dirs, examples)
     return subprocess.run(streamlit_command(host, port), env=env, check=False).returncode
@@ -95,8 +116,10 @@ def run_dirs_from_env(environ: Mapping[str, str] = os.environ) -> list[Path]:
     except json.JSONDecodeError:
         dirs = None
     if not isinstance(dirs, list) or not dirs:
-        raise CaptionerError(f"{MODELS_ENV} names no run directories; start the page with "
-                             "`captioner app --model runs/NAME`")
+        raise CaptionerError(
+            f"{MODELS_ENV} names no run directories; start the page with "
+            "`captioner app --model runs/NAME`"
+        )
     return [check_run_dir(Path(d)) for d in dirs]
 
 
@@ -110,8 +133,9 @@ def model_name(run_dir: Path) -> str:
         return Path(run_dir).name
 
 
-def example_images(run_dirs: Sequence[Path], folder: str | None = None,
-                   limit: int = MAX_EXAMPLES) -> list[Path]:
+def example_images(
+    run_dirs: Sequence[Path], folder: str | None = None, limit: int = MAX_EXAMPLES
+) -> list[Path]:
     """Images from `folder`, else the test split of the first run's dataset; [] if none found."""
     from captioner import clean
     from captioner.config import from_dict
@@ -134,12 +158,14 @@ def open_image(data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        raise CaptionerError(f"{name}: not a readable image ({error}); "
-                             f"upload a {', '.join(IMAGE_TYPES)} file") from None
+        raise CaptionerError(
+            f"{name}: not a readable image ({error}); upload a {', '.join(IMAGE_TYPES)} file"
+        ) from None
 
 
-def caption_image(models: Sequence[tuple[str, Any]], data: bytes, name: str,
-                  beam: int) -> list[Result]:
+def caption_image(
+    models: Sequence[tuple[str, Any]], data: bytes, name: str, beam: int
+) -> list[Result]:
     """Caption one image with every (name, LoadedRun); times each model separately."""
     suffix = Path(name).suffix or ".jpg"
     results = []
@@ -164,8 +190,7 @@ def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
     from captioner import caption
 
     encoders: dict = {}  # runs made with the same encoder share one copy of it
-    models = [(model_name(Path(d)), caption.load_run(Path(d), encoders=encoders))
-              for d in run_dirs]
+    models = [(model_name(Path(d)), caption.load_run(Path(d), encoders=encoders)) for d in run_dirs]
     # The first call traces TensorFlow functions (seconds); do it now for the default beam
     # width, so the time shown for a user's image is the real captioning time.
     blank = io.BytesIO()
@@ -194,9 +219,13 @@ def page() -> None:
     upload_column, example_column = st.columns(2)
     upload = upload_column.file_uploader("Upload an image", type=IMAGE_TYPES)
     examples = example_images(run_dirs, os.environ.get(EXAMPLES_ENV))
-    example = example_column.selectbox("...or pick an example", examples, index=None,
-                                       format_func=lambda p: p.name,
-                                       placeholder="choose an example image")
+    example = example_column.selectbox(
+        "...or pick an example",
+        examples,
+        index=None,
+        format_func=lambda p: p.name,
+        placeholder="choose an example image",
+    )
     if upload is not None:
         data, name = upload.getvalue(), upload.name
     elif example is not None:

@@ -47,9 +47,12 @@ class LoadedRun:
         beam = decode_cfg.beam if beam is None else beam
         if beam < 1:
             raise CaptionerError(f"--beam must be at least 1 (1 = greedy), got {beam}")
-        return {"beam": beam, "length_penalty": decode_cfg.length_penalty,
-                "no_repeat_ngram": decode_cfg.no_repeat_ngram,
-                "max_length": decode_cfg.max_length or self.vocab.max_length}
+        return {
+            "beam": beam,
+            "length_penalty": decode_cfg.length_penalty,
+            "no_repeat_ngram": decode_cfg.no_repeat_ngram,
+            "max_length": decode_cfg.max_length or self.vocab.max_length,
+        }
 
     def caption_features(self, features: np.ndarray, beam: int | None = None) -> list[str]:
         """Captions for precomputed features (N, D) of this run's encoder."""
@@ -60,27 +63,32 @@ class LoadedRun:
         ids = decode.decode(self.model, features, **self.decode_settings(beam))
         return [self.vocab.decode(words) for words in ids]
 
-    def caption_files(self, paths: Sequence[str | Path], beam: int | None = None
-                      ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    def caption_files(
+        self, paths: Sequence[str | Path], beam: int | None = None
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """([(path, caption)] for readable images, [(path, reason)] for the others)."""
         if self.encoder is None:
             raise CaptionerError(f"{self.run_dir}: loaded without its encoder; use load_run()")
         if not paths:
             return [], []
         features, ok_paths, failures = self.encoder.encode_files(
-            [str(p) for p in paths], batch_size=self.cfg.features.batch_size)
+            [str(p) for p in paths], batch_size=self.cfg.features.batch_size
+        )
         captions = self.caption_features(features, beam)
         return list(zip(ok_paths, captions, strict=True)), list(failures)
 
 
-def load_run(run_dir: str | Path, with_encoder: bool = True,
-             encoders: dict[tuple, Any] | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, with_encoder: bool = True, encoders: dict[tuple, Any] | None = None
+) -> LoadedRun:
     """Load a run directory; `encoders` is a cache shared between runs (same encoder, one copy)."""
     run_dir = Path(run_dir)
     for name in RUN_FILES:
         if not (run_dir / name).is_file():
-            raise CaptionerError(f"{run_dir}: no {name}, not a finished training run; train "
-                                 "one with `captioner train` or pass another --model/--run")
+            raise CaptionerError(
+                f"{run_dir}: no {name}, not a finished training run; train "
+                "one with `captioner train` or pass another --model/--run"
+            )
     import keras
 
     import captioner.model  # noqa: F401  registers the model's custom layer for loading
@@ -88,18 +96,23 @@ def load_run(run_dir: str | Path, with_encoder: bool = True,
     state_path = run_dir / "state.json"
     state = read_json(state_path) if state_path.is_file() else {}
     if not state.get("finished"):
-        log(f"{run_dir}: training not finished ({state.get('epoch', '?')}/"
-            f"{state.get('epochs', '?')} epochs); using its best model so far")
+        log(
+            f"{run_dir}: training not finished ({state.get('epoch', '?')}/"
+            f"{state.get('epochs', '?')} epochs); using its best model so far"
+        )
     cfg = from_dict(read_json(run_dir / "config.json"))
     vocab = Vocabulary.load(run_dir / "vocab.json")
     try:
         model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
     except Exception as error:  # Keras raises many types for a damaged or foreign file
-        raise CaptionerError(f"{run_dir / 'model.keras'}: cannot load ({error}); "
-                             "train the run again") from None
+        raise CaptionerError(
+            f"{run_dir / 'model.keras'}: cannot load ({error}); train the run again"
+        ) from None
     if model.get_layer("logits").units != vocab.size:
-        raise CaptionerError(f"{run_dir}: model.keras predicts {model.get_layer('logits').units}"
-                             f" words but vocab.json has {vocab.size}; the run is inconsistent")
+        raise CaptionerError(
+            f"{run_dir}: model.keras predicts {model.get_layer('logits').units}"
+            f" words but vocab.json has {vocab.size}; the run is inconsistent"
+        )
     meta = read_json(run_dir / "features_meta.json")
     run = LoadedRun(run_dir, cfg, vocab, model, meta)
     if with_encoder:
@@ -112,11 +125,17 @@ def _shared_encoder(meta: dict, run_dir: Path, encoders: dict[tuple, Any]):
     from captioner.features import build_encoder
 
     try:
-        key = (meta["encoder"], meta["weights"], meta.get("precision", "auto"),
-               meta.get("seed") or 0)
+        key = (
+            meta["encoder"],
+            meta["weights"],
+            meta.get("precision", "auto"),
+            meta.get("seed") or 0,
+        )
     except KeyError as error:
-        raise CaptionerError(f"{run_dir / 'features_meta.json'}: no {error} entry; "
-                             "retrain with the current captioner") from None
+        raise CaptionerError(
+            f"{run_dir / 'features_meta.json'}: no {error} entry; "
+            "retrain with the current captioner"
+        ) from None
     if key not in encoders:
         encoders[key] = build_encoder(key[0], key[1], key[2], seed=key[3])
     return encoders[key]
@@ -134,8 +153,10 @@ def latest_run(runs_dir: str | Path) -> Path:
         if done and (state_path.parent / "model.keras").is_file():
             finished.append((state_path.stat().st_mtime, state_path.parent))
     if not finished:
-        raise CaptionerError(f"{runs_dir}: no finished run found; train one with `captioner "
-                             "train --dataset demo` (offline) or pass --model RUN")
+        raise CaptionerError(
+            f"{runs_dir}: no finished run found; train one with `captioner "
+            "train --dataset demo` (offline) or pass --model RUN"
+        )
     return max(finished)[1]
 
 
@@ -149,16 +170,24 @@ def expand_images(images: Iterable[str | Path]) -> tuple[list[str], list[tuple[s
         if not path.is_dir():
             paths.append(str(path))
             continue
-        found = sorted(str(p) for p in path.iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        found = sorted(
+            str(p)
+            for p in path.iterdir()
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
         if not found:
             failures.append((str(path), f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
         paths += found
     return list(dict.fromkeys(paths)), failures
 
 
-def caption_command(images: Sequence[str], runs: Sequence[str], runs_dir: str | Path = "runs",
-                    beam: int | None = None, as_json: bool = False) -> int:
+def caption_command(
+    images: Sequence[str],
+    runs: Sequence[str],
+    runs_dir: str | Path = "runs",
+    beam: int | None = None,
+    as_json: bool = False,
+) -> int:
     """Print image<TAB>model<TAB>caption (or JSON lines) per image and model; return the
     number of images (or folders without images) that failed, each also named on stderr."""
     if not runs:

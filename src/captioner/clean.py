@@ -51,20 +51,33 @@ def clean(cfg: Config) -> Path:
     split_map, split_used = _split_map(cfg, plan, source, frame["image"])
     frame["split"] = frame["image"].map(split_map)
     unsplit = frame["split"].isna()
-    dropped["no_split"] = {"images": int(frame.loc[unsplit, "image"].nunique()),
-                           "captions": int(unsplit.sum())}
+    dropped["no_split"] = {
+        "images": int(frame.loc[unsplit, "image"].nunique()),
+        "captions": int(unsplit.sum()),
+    }
     counts = {"images": int(frame["image"].nunique()), "captions": len(frame)}
     frame = frame.loc[~unsplit, list(COLUMNS)]
     if frame.empty:
-        raise CaptionerError(f"{source.path}: no usable captions (none of its images is a real "
-                             f"image entry with a caption in the {split_used} split); check it")
+        raise CaptionerError(
+            f"{source.path}: no usable captions (none of its images is a real "
+            f"image entry with a caption in the {split_used} split); check it"
+        )
     images_dir, found, missing = _locate_images(cfg, plan, set(frame["image"]))
 
     atomic_write_bytes(cfg.captions_csv, frame.to_csv(index=False).encode("utf-8"))
     counts.update(_statistics(frame))
-    write_json(meta_path, {**settings, "split_used": split_used, "images_dir": images_dir,
-                           "images_found": found, "images_missing": missing,
-                           "counts": counts, "dropped": dropped})
+    write_json(
+        meta_path,
+        {
+            **settings,
+            "split_used": split_used,
+            "images_dir": images_dir,
+            "images_found": found,
+            "images_missing": missing,
+            "counts": counts,
+            "dropped": dropped,
+        },
+    )
     _log_summary(cfg, source, split_used, counts, dropped, images_dir, missing)
     return cfg.captions_csv
 
@@ -73,16 +86,18 @@ def load_captions(cfg: Config) -> tuple[pd.DataFrame, Path]:
     """captions.csv as strings (image, split, caption, raw) and the folder holding the images."""
     path, meta_path = cfg.captions_csv, cfg.captions_csv.with_name("captions.json")
     if not path.is_file() or not meta_path.is_file():
-        raise CaptionerError(f"{path}: not found; run `captioner clean --dataset "
-                             f"{cfg.data.dataset}` first")
+        raise CaptionerError(
+            f"{path}: not found; run `captioner clean --dataset {cfg.data.dataset}` first"
+        )
     try:
         # keep_default_na=False: a caption such as "nan" or "null" stays a string
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise CaptionerError(f"{path}: unreadable ({error}); run `captioner clean` again") from None
     if set(COLUMNS) - set(frame.columns):
-        raise CaptionerError(f"{path}: columns must be {', '.join(COLUMNS)}; "
-                             "run `captioner clean` again")
+        raise CaptionerError(
+            f"{path}: columns must be {', '.join(COLUMNS)}; run `captioner clean` again"
+        )
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("images_dir"), str):
         raise CaptionerError(f"{meta_path}: no images_dir; run `captioner clean` again")
@@ -90,26 +105,32 @@ def load_captions(cfg: Config) -> tuple[pd.DataFrame, Path]:
     return frame, images_dir if images_dir.is_absolute() else cfg.dataset_dir / images_dir
 
 
-def random_split(images: list[str] | set[str], seed: int, dev_fraction: float,
-                 test_fraction: float) -> dict[str, str]:
+def random_split(
+    images: list[str] | set[str], seed: int, dev_fraction: float, test_fraction: float
+) -> dict[str, str]:
     """A seeded split over image names (not captions, not file order): {image: split}."""
     if min(dev_fraction, test_fraction) < 0 or dev_fraction + test_fraction >= 1:
-        raise CaptionerError("config data.dev_fraction and data.test_fraction must be >= 0 and "
-                             f"sum to less than 1 (got {dev_fraction} + {test_fraction})")
+        raise CaptionerError(
+            "config data.dev_fraction and data.test_fraction must be >= 0 and "
+            f"sum to less than 1 (got {dev_fraction} + {test_fraction})"
+        )
     names = sorted(set(images))  # sorted first: the split must not depend on file order
     order = np.random.default_rng(seed).permutation(len(names))
     n_test = round(len(names) * test_fraction)
     n_dev = round(len(names) * dev_fraction)
-    return {names[index]: "test" if rank < n_test else "dev" if rank < n_test + n_dev else "train"
-            for rank, index in enumerate(order)}
+    return {
+        names[index]: "test" if rank < n_test else "dev" if rank < n_test + n_dev else "train"
+        for rank, index in enumerate(order)
+    }
 
 
 # --- planning ------------------------------------------------------------------------------------
 def _plan(cfg: Config) -> Plan:
     data = cfg.data
     if data.split not in ("official", "karpathy", "random"):
-        raise CaptionerError(f"config data.split must be official, karpathy or random, "
-                             f"got '{data.split}'")
+        raise CaptionerError(
+            f"config data.split must be official, karpathy or random, got '{data.split}'"
+        )
     formats.check_format(data.format)
     if data.captions:  # bring your own data
         captions = Path(data.captions).expanduser().resolve()
@@ -123,9 +144,11 @@ def _plan(cfg: Config) -> Plan:
     elif data.format in ("csv", "coco"):
         raise CaptionerError(f"--format {data.format} needs --captions FILE and --images FOLDER")
     elif not cfg.raw_dir.is_dir():
-        raise CaptionerError(f"{cfg.raw_dir}: not found; run `captioner download --dataset "
-                             f"{data.dataset}` first, or pass --format csv --captions FILE "
-                             "--images FOLDER")
+        raise CaptionerError(
+            f"{cfg.raw_dir}: not found; run `captioner download --dataset "
+            f"{data.dataset}` first, or pass --format csv --captions FILE "
+            "--images FOLDER"
+        )
     else:
         images, search_root = None, cfg.raw_dir
         found = formats.find_sources(cfg.raw_dir)
@@ -135,13 +158,18 @@ def _plan(cfg: Config) -> Plan:
         wanted = f"dataset_{formats.FAMILY.get(fmt, data.dataset)}.json"
         path = formats.karpathy_file(formats.find_sources(search_root), data.dataset, fmt)
         if path is None:
-            raise CaptionerError(f"{search_root / wanted}: not found; --split karpathy needs "
-                                 "Karpathy's split file (from caption_datasets.zip, "
-                                 f"{cfg.download.karpathy_url}): put {wanted} in {search_root}")
+            raise CaptionerError(
+                f"{search_root / wanted}: not found; --split karpathy needs "
+                "Karpathy's split file (from caption_datasets.zip, "
+                f"{cfg.download.karpathy_url}): put {wanted} in {search_root}"
+            )
         split_files = (path,)
     elif data.split == "official" and captions.name == "Flickr8k.token.txt":
-        split_files = tuple(captions.parent / name for name in formats.OFFICIAL_SPLIT_FILES.values()
-                            if (captions.parent / name).is_file())
+        split_files = tuple(
+            captions.parent / name
+            for name in formats.OFFICIAL_SPLIT_FILES.values()
+            if (captions.parent / name).is_file()
+        )
     return Plan(fmt, captions, split_files, images)
 
 
@@ -151,10 +179,16 @@ def _settings(cfg: Config, plan: Plan) -> dict:
     for path in (plan.captions, *plan.split_files):
         stat = path.stat()
         sources.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {"clean_format": CLEAN_FORMAT, "format": plan.format, "split": cfg.data.split,
-            "seed": cfg.seed, "dev_fraction": cfg.data.dev_fraction,
-            "test_fraction": cfg.data.test_fraction, "sources": sources,
-            "images": str(plan.images or "")}
+    return {
+        "clean_format": CLEAN_FORMAT,
+        "format": plan.format,
+        "split": cfg.data.split,
+        "seed": cfg.seed,
+        "dev_fraction": cfg.data.dev_fraction,
+        "test_fraction": cfg.data.test_fraction,
+        "sources": sources,
+        "images": str(plan.images or ""),
+    }
 
 
 def _is_fresh(csv_path: Path, meta_path: Path, settings: dict) -> bool:
@@ -166,8 +200,11 @@ def _is_fresh(csv_path: Path, meta_path: Path, settings: dict) -> bool:
         recorded = read_json(meta_path)
     except CaptionerError:
         return False  # unreadable: make it again
-    return (isinstance(recorded, dict) and bool(recorded.get("images_found"))
-            and all(recorded.get(key) == value for key, value in settings.items()))
+    return (
+        isinstance(recorded, dict)
+        and bool(recorded.get("images_found"))
+        and all(recorded.get(key) == value for key, value in settings.items())
+    )
 
 
 # --- cleaning and splitting ----------------------------------------------------------------------
@@ -184,16 +221,20 @@ def _clean_rows(source: formats.CaptionSource) -> tuple[pd.DataFrame, dict]:
             continue
         rows.append((image, caption, raw.strip()))
     dropped = {
-        "malformed": {"unit": source.unit, "count": len(source.malformed),
-                      "first": source.malformed[:SHOWN]},
+        "malformed": {
+            "unit": source.unit,
+            "count": len(source.malformed),
+            "first": source.malformed[:SHOWN],
+        },
         "not_image_entries": {"names": sorted(strays), "captions": sum(strays.values())},
         "empty_captions": empty,
     }
     return pd.DataFrame(rows, columns=["image", "caption", "raw"]), dropped
 
 
-def _split_map(cfg: Config, plan: Plan, source: formats.CaptionSource,
-               images: pd.Series) -> tuple[dict[str, str], str]:
+def _split_map(
+    cfg: Config, plan: Plan, source: formats.CaptionSource, images: pd.Series
+) -> tuple[dict[str, str], str]:
     """{image: split} and which split that is: official, karpathy or random."""
     data = cfg.data
     if data.split == "karpathy":
@@ -201,12 +242,17 @@ def _split_map(cfg: Config, plan: Plan, source: formats.CaptionSource,
             return formats.read_karpathy_json(plan.split_files[0]).splits, "karpathy"
         return source.splits, "karpathy"
     if data.split == "official":
-        official = formats.read_official_splits(plan.captions.parent) if plan.split_files \
+        official = (
+            formats.read_official_splits(plan.captions.parent)
+            if plan.split_files
             else source.splits
+        )
         if official:
             return official, "official"
-        log(f"{plan.captions.name}: no official split in this format; using a random split "
-            f"over images (seed {cfg.seed})")
+        log(
+            f"{plan.captions.name}: no official split in this format; using a random split "
+            f"over images (seed {cfg.seed})"
+        )
     return random_split(set(images), cfg.seed, data.dev_fraction, data.test_fraction), "random"
 
 
@@ -232,43 +278,72 @@ def _locate_images(cfg: Config, plan: Plan, images: set[str]) -> tuple[str, int,
 
 def _statistics(frame: pd.DataFrame) -> dict:
     """Images and captions per split, training vocabulary size and caption lengths."""
-    per_split = {split: {"images": int(frame.loc[frame["split"] == split, "image"].nunique()),
-                         "captions": int((frame["split"] == split).sum())} for split in SPLITS}
+    per_split = {
+        split: {
+            "images": int(frame.loc[frame["split"] == split, "image"].nunique()),
+            "captions": int((frame["split"] == split).sum()),
+        }
+        for split in SPLITS
+    }
     train = frame.loc[frame["split"] == "train", "caption"].str.split()
     lengths = train.str.len().to_numpy() if len(train) else np.zeros(1)
-    return {"splits": per_split,
-            "vocabulary_train": len({word for words in train for word in words}),
-            "caption_length_train": {"mean": round(float(lengths.mean()), 2),
-                                     "max": int(lengths.max()),
-                                     "p95": float(np.percentile(lengths, 95))}}
+    return {
+        "splits": per_split,
+        "vocabulary_train": len({word for words in train for word in words}),
+        "caption_length_train": {
+            "mean": round(float(lengths.mean()), 2),
+            "max": int(lengths.max()),
+            "p95": float(np.percentile(lengths, 95)),
+        },
+    }
 
 
-def _log_summary(cfg: Config, source: formats.CaptionSource, split_used: str, counts: dict,
-                 dropped: dict, images_dir: str, missing: int) -> None:
-    log(f"{cfg.data.dataset}: read {counts['images']:,} images, {counts['captions']:,} captions "
-        f"from {source.path} (format {source.format})")
+def _log_summary(
+    cfg: Config,
+    source: formats.CaptionSource,
+    split_used: str,
+    counts: dict,
+    dropped: dict,
+    images_dir: str,
+    missing: int,
+) -> None:
+    log(
+        f"{cfg.data.dataset}: read {counts['images']:,} images, {counts['captions']:,} captions "
+        f"from {source.path} (format {source.format})"
+    )
     malformed = dropped["malformed"]
     if malformed["count"]:
         more = ", ..." if malformed["count"] > SHOWN else ""
-        log(f"skipped {malformed['count']} malformed {malformed['unit']}s of {source.path.name} "
-            f"({malformed['unit']}s {', '.join(map(str, malformed['first']))}{more})")
+        log(
+            f"skipped {malformed['count']} malformed {malformed['unit']}s of {source.path.name} "
+            f"({malformed['unit']}s {', '.join(map(str, malformed['first']))}{more})"
+        )
     strays = dropped["not_image_entries"]
     if strays["names"]:
-        log(f"dropped {strays['captions']} captions whose image name is not a real image entry "
-            f"({len(strays['names'])}): {', '.join(strays['names'][:SHOWN])}")
+        log(
+            f"dropped {strays['captions']} captions whose image name is not a real image entry "
+            f"({len(strays['names'])}): {', '.join(strays['names'][:SHOWN])}"
+        )
     if dropped["empty_captions"]:
         log(f"dropped {dropped['empty_captions']} captions that are empty after cleaning")
     if dropped["no_split"]["images"]:
-        log(f"dropped {dropped['no_split']['images']:,} images "
+        log(
+            f"dropped {dropped['no_split']['images']:,} images "
             f"({dropped['no_split']['captions']:,} captions) that are in no {split_used} split; "
             f"the {split_used} split covers {counts['images'] - dropped['no_split']['images']:,} "
-            f"of {counts['images']:,} images (--split random keeps them all)")
-    sizes = "; ".join(f"{split} {counts['splits'][split]['images']:,} images / "
-                      f"{counts['splits'][split]['captions']:,} captions" for split in SPLITS)
+            f"of {counts['images']:,} images (--split random keeps them all)"
+        )
+    sizes = "; ".join(
+        f"{split} {counts['splits'][split]['images']:,} images / "
+        f"{counts['splits'][split]['captions']:,} captions"
+        for split in SPLITS
+    )
     log(f"split {split_used}: {sizes}")
     length = counts["caption_length_train"]
-    log(f"vocabulary (train): {counts['vocabulary_train']:,} words; caption length (train, words): "
-        f"mean {length['mean']:.1f}, max {length['max']}, 95th percentile {length['p95']:.0f}")
+    log(
+        f"vocabulary (train): {counts['vocabulary_train']:,} words; caption length (train, words): "
+        f"mean {length['mean']:.1f}, max {length['max']}, 95th percentile {length['p95']:.0f}"
+    )
     total = sum(counts["splits"][split]["images"] for split in SPLITS)
     note = f" ({missing:,} of {total:,} not found there; features skips them)" if missing else ""
     log(f"images: {images_dir}{note}")

@@ -36,7 +36,9 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
             where = f"{error.filename}: " if error.filename else ""
             raise click.ClickException(f"{where}{error.strerror or error}") from None
         except KeyboardInterrupt:
-            click.echo("interrupted; finished work is kept, run the command again to resume", err=True)
+            click.echo(
+                "interrupted; finished work is kept, run the command again to resume", err=True
+            )
             sys.exit(130)
 
     return wrapper
@@ -45,10 +47,19 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--config, --set, --dataset, --data-dir, --seed: shared by every data-touching command."""
     options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                     help="TOML file on top of the defaults (default: configs/<dataset>.toml)."),
-        click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                     help="Override one setting, e.g. --set train.epochs=5 (repeatable)."),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False),
+            help="TOML file on top of the defaults (default: configs/<dataset>.toml).",
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            help="Override one setting, e.g. --set train.epochs=5 (repeatable).",
+        ),
         click.option("--dataset", help="flickr8k, flickr30k, demo, or a name of your own."),
         click.option("--data-dir", help="Root of the data layout (default ./data)."),
         click.option("--seed", type=int, help="The one random seed (default 0)."),
@@ -58,10 +69,21 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def resolve(config_path: str | None, overrides: tuple[str, ...], dataset: str | None,
-            data_dir: str | None, seed: int | None, **flags: Any) -> Config:
-    return load_config(config_path, overrides, dataset=dataset,
-                       **{"data.data_dir": data_dir, "seed": seed}, **flags)
+def resolve(
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    dataset: str | None,
+    data_dir: str | None,
+    seed: int | None,
+    **flags: Any,
+) -> Config:
+    return load_config(
+        config_path,
+        overrides,
+        dataset=dataset,
+        **{"data.data_dir": data_dir, "seed": seed},
+        **flags,
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,15 +119,24 @@ def download(mirror: str | None, skip_checksum: bool | None, **common: Any) -> N
 
 @main.command()
 @config_options
-@click.option("--split", type=click.Choice(["official", "karpathy", "random"]), default=None,
-              help="Which train/dev/test split to use.")
-@click.option("--format", "fmt", default=None,
-              help="Caption format: auto, flickr8k, kaggle, flickr30k, hf, karpathy, csv, coco.")
+@click.option(
+    "--split",
+    type=click.Choice(["official", "karpathy", "random"]),
+    default=None,
+    help="Which train/dev/test split to use.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default=None,
+    help="Caption format: auto, flickr8k, kaggle, flickr30k, hf, karpathy, csv, coco.",
+)
 @click.option("--captions", default=None, help="Your own caption file (with --format csv|coco).")
 @click.option("--images", default=None, help="Your own image folder (with --format csv|coco).")
 @_fail_cleanly
-def clean(split: str | None, fmt: str | None, captions: str | None, images: str | None,
-          **common: Any) -> None:
+def clean(
+    split: str | None, fmt: str | None, captions: str | None, images: str | None, **common: Any
+) -> None:
     """Parse the raw captions, normalise them and write DATA_DIR/<dataset>/captions.csv.
 
     \b
@@ -115,23 +146,38 @@ def clean(split: str | None, fmt: str | None, captions: str | None, images: str 
     """
     from captioner import clean as stage
 
-    cfg = resolve(**common, **{"data.split": split, "data.format": fmt,
-                               "data.captions": captions, "data.images": images})
+    cfg = resolve(
+        **common,
+        **{
+            "data.split": split,
+            "data.format": fmt,
+            "data.captions": captions,
+            "data.images": images,
+        },
+    )
     click.echo(stage.clean(cfg))
 
 
 @main.command()
 @config_options
-@click.option("--encoder", default=None,
-              help="vgg16 (default), resnet50, efficientnetb0, mobilenetv3small.")
+@click.option(
+    "--encoder", default=None, help="vgg16 (default), resnet50, efficientnetb0, mobilenetv3small."
+)
 @click.option("--weights", default=None, help="imagenet, none, or a local .h5 file.")
 @click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
 @click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (0..N-1).")
 @click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
 @_fail_cleanly
-def features(encoder: str | None, weights: str | None, batch_size: int | None,
-             precision: str | None, shard: str | None, merge: bool, **common: Any) -> None:
+def features(
+    encoder: str | None,
+    weights: str | None,
+    batch_size: int | None,
+    precision: str | None,
+    shard: str | None,
+    merge: bool,
+    **common: Any,
+) -> None:
     """Run the image encoder once over every image; cache to features/<encoder>/.
 
     \b
@@ -141,9 +187,16 @@ def features(encoder: str | None, weights: str | None, batch_size: int | None,
     """
     from captioner import features as stage
 
-    cfg = resolve(**common, **{"features.encoder": encoder, "features.weights": weights,
-                               "features.batch_size": batch_size, "features.precision": precision,
-                               "features.shard": shard})
+    cfg = resolve(
+        **common,
+        **{
+            "features.encoder": encoder,
+            "features.weights": weights,
+            "features.batch_size": batch_size,
+            "features.precision": precision,
+            "features.shard": shard,
+        },
+    )
     click.echo(stage.merge_shards(cfg) if merge else stage.extract(cfg))
 
 
@@ -171,12 +224,24 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Captions per training batch.")
 @click.option("--name", default=None, help="Run name (default <dataset>-<encoder>-<time>).")
-@click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]),
-              default=None, help="tf.distribute strategy (multiworker reads TF_CONFIG).")
+@click.option(
+    "--strategy",
+    type=click.Choice(["default", "mirrored", "multiworker"]),
+    default=None,
+    help="tf.distribute strategy (multiworker reads TF_CONFIG).",
+)
 @click.option("--resume", is_flag=True, help="Continue the named run from its last checkpoint.")
 @_fail_cleanly
-def train(encoder: str | None, weights: str | None, epochs: int | None, batch_size: int | None,
-          name: str | None, strategy: str | None, resume: bool, **common: Any) -> None:
+def train(
+    encoder: str | None,
+    weights: str | None,
+    epochs: int | None,
+    batch_size: int | None,
+    name: str | None,
+    strategy: str | None,
+    resume: bool,
+    **common: Any,
+) -> None:
     """Train the merge model, running any missing earlier stage first.
 
     \b
@@ -187,15 +252,28 @@ def train(encoder: str | None, weights: str | None, epochs: int | None, batch_si
     """
     from captioner import train as stage
 
-    cfg = resolve(**common, **{"features.encoder": encoder, "features.weights": weights,
-                               "train.epochs": epochs, "train.batch_size": batch_size,
-                               "train.name": name, "train.strategy": strategy})
+    cfg = resolve(
+        **common,
+        **{
+            "features.encoder": encoder,
+            "features.weights": weights,
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "train.name": name,
+            "train.strategy": strategy,
+        },
+    )
     click.echo(stage.train(cfg, resume=resume))
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
-              help="A run directory made by `captioner train`.")
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A run directory made by `captioner train`.",
+)
 @click.option("--split", default="test", show_default=True, help="train, dev or test.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--data-dir", default=None, help="Where the run's dataset lives, if moved.")
@@ -214,14 +292,20 @@ def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "runs", multiple=True, type=click.Path(file_okay=False),
-              help="Run directory (repeatable). Default: the latest finished run under runs/.")
+@click.option(
+    "--model",
+    "runs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Run directory (repeatable). Default: the latest finished run under runs/.",
+)
 @click.option("--runs-dir", default="runs", show_default=True, help="Where to look for runs.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of TSV.")
 @_fail_cleanly
-def caption(images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam: int | None,
-            as_json: bool) -> None:
+def caption(
+    images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam: int | None, as_json: bool
+) -> None:
     """Caption images (files or folders) with one or several trained models.
 
     \b
@@ -237,10 +321,21 @@ def caption(images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam:
 
 @main.command()
 @config_options
-@click.option("--run", "run_dir", default=None, type=click.Path(file_okay=False),
-              help="Also plot this run's loss curves and generated captions.")
-@click.option("--out", "out_dir", default="plots", show_default=True,
-              type=click.Path(file_okay=False), help="Folder for the PNG files.")
+@click.option(
+    "--run",
+    "run_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Also plot this run's loss curves and generated captions.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default="plots",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the PNG files.",
+)
 @_fail_cleanly
 def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
     """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions.
@@ -260,10 +355,20 @@ def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
 
 
 @main.command()
-@click.option("--model", "runs", multiple=True, required=True, type=click.Path(file_okay=False),
-              help="Run directory (repeatable: models are shown side by side).")
-@click.option("--examples", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Folder of example images (default: the first run's test images).")
+@click.option(
+    "--model",
+    "runs",
+    multiple=True,
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run directory (repeatable: models are shown side by side).",
+)
+@click.option(
+    "--examples",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of example images (default: the first run's test images).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
 @click.option("--port", type=int, default=8501, show_default=True)
 @_fail_cleanly
@@ -278,8 +383,11 @@ def app(runs: tuple[str, ...], examples: str | None, host: str, port: int) -> No
     """
     from captioner import app as page
 
-    sys.exit(page.launch([Path(r) for r in runs], Path(examples) if examples else None,
-                         host=host, port=port))
+    sys.exit(
+        page.launch(
+            [Path(r) for r in runs], Path(examples) if examples else None, host=host, port=port
+        )
+    )
 
 
 if __name__ == "__main__":

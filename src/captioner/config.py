@@ -165,9 +165,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {value!r}")
     if not isinstance(value, annotation):
-        raise ConfigError(
-            f"config key '{key}' must be {annotation.__name__}, got {type(value).__name__} {value!r}"
-        )
+        got = f"{type(value).__name__} {value!r}"
+        raise ConfigError(f"config key '{key}' must be {annotation.__name__}, got {got}")
     return value
 
 
@@ -265,4 +264,3 @@ def replace(config: Config, **dotted: Any) -> Config:
 def from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. a run's config.json)."""
     return _build(Config, values)
-

@@ -36,8 +36,9 @@ def read_split(cfg: Config, split: str) -> pd.DataFrame:
     return frame.loc[frame["split"] == split, ["image", "caption"]].reset_index(drop=True)
 
 
-def encode_split(frame: pd.DataFrame, vocab: Vocabulary, row_of: Mapping[str, int],
-                 split: str) -> tuple[np.ndarray, list[list[int]]]:
+def encode_split(
+    frame: pd.DataFrame, vocab: Vocabulary, row_of: Mapping[str, int], split: str
+) -> tuple[np.ndarray, list[list[int]]]:
     """Feature rows (N,) and encoded captions of a split; captions of images without features
     (e.g. unreadable images the feature stage skipped) are left out and counted in the log."""
     rows, captions, missing = [], [], set()
@@ -49,16 +50,19 @@ def encode_split(frame: pd.DataFrame, vocab: Vocabulary, row_of: Mapping[str, in
         rows.append(row)
         captions.append(vocab.encode(caption))
     if missing:
-        log(f"{split}: skipped {len(frame) - len(rows)} captions of {len(missing)} images "
-            f"that have no feature row (e.g. {sorted(missing)[0]})")
+        log(
+            f"{split}: skipped {len(frame) - len(rows)} captions of {len(missing)} images "
+            f"that have no feature row (e.g. {sorted(missing)[0]})"
+        )
     return np.asarray(rows, dtype=np.int64), captions
 
 
 VARIANCE_FLOOR = 0.01  # relative to the mean variance over dimensions
 
 
-def feature_stats(features: np.ndarray, rows: np.ndarray,
-                  chunk_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(
+    features: np.ndarray, rows: np.ndarray, chunk_size: int = 2048
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean and variance (D,) of the given rows, read in chunks: a memmap is never loaded whole."""
     unique = np.unique(rows)  # sorted: reads the memmap front to back
     if unique.size == 0:
@@ -66,7 +70,7 @@ def feature_stats(features: np.ndarray, rows: np.ndarray,
     total = np.zeros(features.shape[1], np.float64)
     total_sq = np.zeros(features.shape[1], np.float64)
     for start in range(0, unique.size, chunk_size):
-        chunk = np.asarray(features[unique[start:start + chunk_size]], dtype=np.float64)  # (c, D)
+        chunk = np.asarray(features[unique[start : start + chunk_size]], dtype=np.float64)  # (c, D)
         total += chunk.sum(axis=0)
         total_sq += np.square(chunk).sum(axis=0)
     mean = total / unique.size
@@ -82,8 +86,7 @@ def _row_reader(features: np.ndarray):
     """rows (B,) -> features (B, D) float32. Rows of a memory-mapped .npy are read with pread:
     pages touched through the mapping would stay in this process's RSS (with readahead, the
     whole file within an epoch: +520 MB for Flickr30k), pages read stay in the page cache."""
-    if not (isinstance(features, np.memmap) and features.filename
-            and features.flags.c_contiguous):
+    if not (isinstance(features, np.memmap) and features.filename and features.flags.c_contiguous):
         return lambda rows: np.asarray(features[rows], dtype=np.float32)
     handle = open(features.filename, "rb")  # open as long as the dataset is
     row_bytes = features.shape[1] * features.dtype.itemsize
@@ -97,9 +100,16 @@ def _row_reader(features: np.ndarray):
     return read
 
 
-def make_dataset(features: np.ndarray, rows: Sequence[int], captions: Sequence[Sequence[int]],
-                 batch_size: int, shuffle: bool, seed: int, bucket: bool = True,
-                 shuffle_buffer: int = 0) -> tf.data.Dataset:
+def make_dataset(
+    features: np.ndarray,
+    rows: Sequence[int],
+    captions: Sequence[Sequence[int]],
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    bucket: bool = True,
+    shuffle_buffer: int = 0,
+) -> tf.data.Dataset:
     """({"features": (B, D) float32, "tokens": (B, T) int32}, targets (B, T) int32) batches.
 
     tokens = [<start>, w1..wn], targets = [w1..wn, <end>], both padded with 0 to the longest
@@ -111,13 +121,15 @@ def make_dataset(features: np.ndarray, rows: Sequence[int], captions: Sequence[S
     if len(captions) == 0:
         raise CaptionerError("no captions to train on (none of the split's images has features)")
     lengths = np.fromiter((len(c) for c in captions), dtype=np.int64, count=len(captions))
-    flat = np.fromiter(itertools.chain.from_iterable(captions), dtype=np.int32,
-                       count=int(lengths.sum()))
+    flat = np.fromiter(
+        itertools.chain.from_iterable(captions), dtype=np.int32, count=int(lengths.sum())
+    )
     ragged = tf.RaggedTensor.from_row_lengths(flat, lengths)  # (N, None): no padding stored
     dataset = tf.data.Dataset.from_tensor_slices((np.asarray(rows, dtype=np.int64), ragged))
     if shuffle:
-        dataset = dataset.shuffle(shuffle_buffer or len(captions), seed=seed,
-                                  reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(
+            shuffle_buffer or len(captions), seed=seed, reshuffle_each_iteration=True
+        )
 
     def add_start_end(row, words):  # words (n,) -> tokens (n+1,), targets (n+1,)
         return (row, tf.concat([[START_ID], words], 0), tf.concat([words, [END_ID]], 0))
@@ -127,8 +139,10 @@ def make_dataset(features: np.ndarray, rows: Sequence[int], captions: Sequence[S
         longest = int(lengths.max()) + 1
         boundaries = list(range(BUCKET_STEP + 1, longest + 1, BUCKET_STEP))
         dataset = dataset.bucket_by_sequence_length(
-            lambda row, tokens, targets: tf.shape(tokens)[0], boundaries,
-            [batch_size] * (len(boundaries) + 1))
+            lambda row, tokens, targets: tf.shape(tokens)[0],
+            boundaries,
+            [batch_size] * (len(boundaries) + 1),
+        )
     else:
         dataset = dataset.padded_batch(batch_size)  # pads with 0 = <pad>
 

@@ -38,27 +38,41 @@ BATCH_SIZE = 1000  # images per compiled call: bounds memory at (batch * beam, v
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def greedy(model: keras.Model, features: np.ndarray, max_length: int,
-           batch_size: int = BATCH_SIZE) -> list[list[int]]:
+def greedy(
+    model: keras.Model, features: np.ndarray, max_length: int, batch_size: int = BATCH_SIZE
+) -> list[list[int]]:
     """Most probable next word at every step. features (N, D) -> N lists of word ids."""
     run = _compiled(model, ("greedy", max_length), lambda: _greedy_loop(model, max_length))
     return _decode_batches(run, features, batch_size)
 
 
-def beam_search(model: keras.Model, features: np.ndarray, max_length: int, beam: int = 3,
-                length_penalty: float = 0.0, no_repeat_ngram: int = 0,
-                batch_size: int = BATCH_SIZE) -> list[list[int]]:
+def beam_search(
+    model: keras.Model,
+    features: np.ndarray,
+    max_length: int,
+    beam: int = 3,
+    length_penalty: float = 0.0,
+    no_repeat_ngram: int = 0,
+    batch_size: int = BATCH_SIZE,
+) -> list[list[int]]:
     """Best of `beam` hypotheses per image. features (N, D) -> N lists of word ids."""
     if beam < 1:
         raise ValueError(f"beam width must be at least 1, got {beam}")
     key = ("beam", max_length, beam, float(length_penalty), no_repeat_ngram)
-    run = _compiled(model, key, lambda: _beam_loop(model, max_length, beam, length_penalty,
-                                                   no_repeat_ngram))
+    run = _compiled(
+        model, key, lambda: _beam_loop(model, max_length, beam, length_penalty, no_repeat_ngram)
+    )
     return _decode_batches(run, features, max(1, batch_size // beam))
 
 
-def decode(model: keras.Model, features: np.ndarray, max_length: int, beam: int = 1,
-           length_penalty: float = 0.0, no_repeat_ngram: int = 0) -> list[list[int]]:
+def decode(
+    model: keras.Model,
+    features: np.ndarray,
+    max_length: int,
+    beam: int = 1,
+    length_penalty: float = 0.0,
+    no_repeat_ngram: int = 0,
+) -> list[list[int]]:
     """Greedy when beam == 1 and nothing is blocked, else beam search."""
     if beam == 1 and no_repeat_ngram == 0:
         return greedy(model, features, max_length)
@@ -86,7 +100,7 @@ def _decode_batches(run: Callable, features: np.ndarray, batch_size: int) -> lis
         return results
     n_slices = -(-len(features) // batch_size)
     for rows in np.array_split(np.arange(len(features)), n_slices):
-        chunk = np.asarray(features[rows[0]:rows[-1] + 1], dtype=np.float32)  # (B, D)
+        chunk = np.asarray(features[rows[0] : rows[-1] + 1], dtype=np.float32)  # (B, D)
         with warnings.catch_warnings():
             # Tracing feeds one embedded token (mask_zero) to the LSTM cell, which warns that it
             # drops the mask; a single token has nothing to mask.
@@ -121,8 +135,10 @@ def _allowed_projection(model: keras.Model) -> tuple[tf.Tensor, tf.Tensor]:
     kernel = tf.convert_to_tensor(layer.kernel)[:, FIRST_ALLOWED:]
     bias = tf.convert_to_tensor(layer.bias)[FIRST_ALLOWED:]
     padding = -kernel.shape[1] % BLOCK
-    return (tf.pad(kernel, [[0, 0], [0, padding]]),
-            tf.pad(bias, [[0, padding]], constant_values=2 * MASKED))
+    return (
+        tf.pad(kernel, [[0, 0], [0, padding]]),
+        tf.pad(bias, [[0, padding]], constant_values=2 * MASKED),
+    )
 
 
 def _top_k(logits, k: int):
@@ -178,8 +194,9 @@ def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
 # --- beam search -------------------------------------------------------------------------------
 
 
-def _beam_loop(model: keras.Model, max_length: int, beam: int, length_penalty: float,
-               no_repeat_ngram: int) -> Callable:
+def _beam_loop(
+    model: keras.Model, max_length: int, beam: int, length_penalty: float, no_repeat_ngram: int
+) -> Callable:
     # Only a hypothesis's own best `per_row` words can enter the next beam: its rank is monotone
     # in the word's log-probability. So top-k per row first, then over (B, K * per_row).
     per_row = min(beam, _vocab_size(model) - FIRST_ALLOWED)
@@ -228,7 +245,8 @@ def _beam_loop(model: keras.Model, max_length: int, beam: int, length_penalty: f
             token = tf.reshape(new_token, [rows])
             sequences = tf.gather(sequences, parent)
             sequences = tf.tensor_scatter_nd_update(
-                sequences, tf.stack([tf.range(rows), tf.fill([rows], t)], axis=1), token)
+                sequences, tf.stack([tf.range(rows), tf.fill([rows], t)], axis=1), token
+            )
             if tf.reduce_all(done):
                 break
         # top_k sorted every image's hypotheses by rank, so hypothesis 0 is the best one.
@@ -248,7 +266,7 @@ def _repeated_ngram_mask(sequences, t, n: int, width: int):
     starts = length - n + 1
     if starts <= 0:
         return tf.zeros([rows, width])
-    windows = tf.stack([sequences[:, i:i + starts] for i in range(n)], axis=-1)  # (R, S, n)
+    windows = tf.stack([sequences[:, i : i + starts] for i in range(n)], axis=-1)  # (R, S, n)
     last = tf.gather(sequences, tf.maximum(t - n + 1, 0) + tf.range(n - 1), axis=1)  # (R, n-1)
     match = tf.reduce_all(windows[:, :, :-1] == last[:, None, :], axis=-1)  # (R, S)
     following = windows[:, :, -1]  # (R, S) the id after each window

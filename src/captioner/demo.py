@@ -78,10 +78,19 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     if rng.random() < PAIR_PROBABILITY:
         left, right = rng.choice(list(COLOURS), size=2, replace=False)  # two different colours
         kinds = rng.choice(SHAPES, size=2)
-        return Scene(background, (Shape(str(left), str(kinds[0]), "", "on the left"),
-                                  Shape(str(right), str(kinds[1]), "", "on the right")))
-    shape = Shape(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)),
-                  str(rng.choice(list(SIZES))), str(rng.choice(list(POSITIONS))))
+        return Scene(
+            background,
+            (
+                Shape(str(left), str(kinds[0]), "", "on the left"),
+                Shape(str(right), str(kinds[1]), "", "on the right"),
+            ),
+        )
+    shape = Shape(
+        str(rng.choice(list(COLOURS))),
+        str(rng.choice(SHAPES)),
+        str(rng.choice(list(SIZES))),
+        str(rng.choice(list(POSITIONS))),
+    )
     return Scene(background, (shape,))
 
 
@@ -99,8 +108,9 @@ def captions(scene: Scene) -> list[str]:
             f"one {SYNONYM[s.size]} {s.colour} {s.kind} {where} against {bg}",
         ]
     # With their article: "a red circle", "an orange square".
-    left, right = (f"{'an' if s.colour[0] in 'aeiou' else 'a'} {s.colour} {s.kind}"
-                   for s in scene.shapes)
+    left, right = (
+        f"{'an' if s.colour[0] in 'aeiou' else 'a'} {s.colour} {s.kind}" for s in scene.shapes
+    )
     return [
         f"{left} and {right} on a {bg} background",
         f"a {bg} background with {left} and {right}",
@@ -120,16 +130,26 @@ def draw(scene: Scene, side: int, rng: np.random.Generator) -> Image.Image:
         fx, fy = POSITIONS[shape.position]
         radius = (SIZES[shape.size] if shape.size else PAIR_RADIUS) * rng.uniform(0.9, 1.1) * side
         cx, cy = (np.array([fx, fy]) + rng.uniform(-0.04, 0.04, size=2)) * side
-        colour = tuple(int(c) for c in np.clip(np.array(COLOURS[shape.colour])
-                                               + rng.integers(-20, 21, size=3), 0, 255))
+        colour = tuple(
+            int(c)
+            for c in np.clip(
+                np.array(COLOURS[shape.colour]) + rng.integers(-20, 21, size=3), 0, 255
+            )
+        )
         if shape.kind == "circle":
             pen.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
         elif shape.kind == "square":
             half = radius * 0.9  # a square of about the circle's area
             pen.rectangle([cx - half, cy - half, cx + half, cy + half], fill=colour)
         else:  # an upward triangle filling the same bounding box
-            pen.polygon([(cx, cy - radius), (cx - radius, cy + radius * 0.85),
-                         (cx + radius, cy + radius * 0.85)], fill=colour)
+            pen.polygon(
+                [
+                    (cx, cy - radius),
+                    (cx - radius, cy + radius * 0.85),
+                    (cx + radius, cy + radius * 0.85),
+                ],
+                fill=colour,
+            )
     return image
 
 
@@ -145,8 +165,10 @@ def generate(cfg: Config) -> Path:
     """
     sizes = cfg.demo
     if min(sizes.train_images, sizes.dev_images, sizes.test_images) < 0 or sizes.image_size < 32:
-        raise CaptionerError(f"demo settings {asdict(sizes)}: image counts must be >= 0 and "
-                             "image_size >= 32; fix them with --set demo.KEY=VALUE")
+        raise CaptionerError(
+            f"demo settings {asdict(sizes)}: image counts must be >= 0 and "
+            "image_size >= 32; fix them with --set demo.KEY=VALUE"
+        )
     raw, wanted = cfg.raw_dir, settings(cfg)
     marker = raw / SETTINGS_FILE
     if marker.is_file():
@@ -159,8 +181,9 @@ def generate(cfg: Config) -> Path:
         shutil.rmtree(raw / folder, ignore_errors=True)
     (raw / IMAGES_DIR).mkdir(parents=True)
 
-    counts = dict(zip(SPLITS, (cfg.demo.train_images, cfg.demo.dev_images, cfg.demo.test_images),
-                      strict=True))
+    counts = dict(
+        zip(SPLITS, (cfg.demo.train_images, cfg.demo.dev_images, cfg.demo.test_images), strict=True)
+    )
     names = [f"demo_{i:05d}.jpg" for i in range(sum(counts.values()))]
     token_lines = []
     for index, name in enumerate(tqdm(names, desc="demo images", unit="img")):
@@ -173,7 +196,7 @@ def generate(cfg: Config) -> Path:
     atomic_write_bytes(text_dir / "Flickr8k.token.txt", ("\n".join(token_lines) + "\n").encode())
     start = 0
     for split, count in counts.items():  # consecutive blocks: images are i.i.d. already
-        block = "".join(f"{name}\n" for name in names[start:start + count])
+        block = "".join(f"{name}\n" for name in names[start : start + count])
         atomic_write_bytes(text_dir / f"Flickr_8k.{split}Images.txt", block.encode())
         start += count
     write_json(marker, wanted)  # last: its presence means the dataset is complete

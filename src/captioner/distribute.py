@@ -35,8 +35,10 @@ def make_strategy(name: str):
         return tf.distribute.MirroredStrategy(cpus)
     if name == "multiworker":
         if not os.environ.get("TF_CONFIG"):
-            raise CaptionerError("--strategy multiworker reads the cluster from the TF_CONFIG "
-                                 "environment variable, which is not set (see docs/TRAINING.md)")
+            raise CaptionerError(
+                "--strategy multiworker reads the cluster from the TF_CONFIG "
+                "environment variable, which is not set (see docs/TRAINING.md)"
+            )
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise CaptionerError(f"train.strategy must be one of {', '.join(STRATEGIES)}, got '{name}'")
 
@@ -67,8 +69,15 @@ def shard_by_data(dataset):
     return dataset.with_options(options)
 
 
-def fit_multiworker(strategy: Any, model: keras.Model, train_data, dev_data, epochs: int,
-                    initial_epoch: int, callback: keras.callbacks.Callback) -> None:
+def fit_multiworker(
+    strategy: Any,
+    model: keras.Model,
+    train_data,
+    dev_data,
+    epochs: int,
+    initial_epoch: int,
+    callback: keras.callbacks.Callback,
+) -> None:
     """model.fit's epoch loop for MultiWorkerMirroredStrategy, with the model's own steps.
 
     Keras 3 fit() fails under this strategy (keras-team/keras#20329, #20585: it reduces nested
@@ -82,16 +91,24 @@ def fit_multiworker(strategy: Any, model: keras.Model, train_data, dev_data, epo
         train_batches = strategy.experimental_distribute_dataset(shard_by_data(train_data))
         dev_batches = strategy.experimental_distribute_dataset(shard_by_data(dev_data))
     # batches differ in shape (bucketing); one trace for all: (None, D), (None, None) specs
-    train_step = tf.function(lambda batch: strategy.run(model.train_step, args=(batch,)),
-                             input_signature=[train_batches.element_spec])
-    test_step = tf.function(lambda batch: strategy.run(model.test_step, args=(batch,)),
-                            input_signature=[dev_batches.element_spec])
+    train_step = tf.function(
+        lambda batch: strategy.run(model.train_step, args=(batch,)),
+        input_signature=[train_batches.element_spec],
+    )
+    test_step = tf.function(
+        lambda batch: strategy.run(model.test_step, args=(batch,)),
+        input_signature=[dev_batches.element_spec],
+    )
     callback.set_model(model)
     for epoch in range(initial_epoch, epochs):
-        logs = {"loss": _run_epoch(strategy, model, train_step, train_batches),
-                "val_loss": _run_epoch(strategy, model, test_step, dev_batches)}
-        log(f"epoch {epoch + 1}/{epochs} - loss: {logs['loss']:.4f} - "
-            f"val_loss: {logs['val_loss']:.4f}")
+        logs = {
+            "loss": _run_epoch(strategy, model, train_step, train_batches),
+            "val_loss": _run_epoch(strategy, model, test_step, dev_batches),
+        }
+        log(
+            f"epoch {epoch + 1}/{epochs} - loss: {logs['loss']:.4f} - "
+            f"val_loss: {logs['val_loss']:.4f}"
+        )
         callback.on_epoch_end(epoch, logs)  # outside the scope: saving creates no collectives
         if model.stop_training:
             break

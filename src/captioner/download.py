@@ -42,10 +42,14 @@ from captioner.io import atomic_write_bytes, log
 _FLICKR8K = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"
 _FLICKR30K = "https://huggingface.co/datasets/nlphuji/flickr30k/resolve/main"
 DATASETS: dict[str, tuple[tuple[str, str], ...]] = {
-    "flickr8k": ((f"{_FLICKR8K}/Flickr8k_Dataset.zip", "f18a1e2920de5bd84dae7cf08ec78978"),
-                 (f"{_FLICKR8K}/Flickr8k_text.zip", "bf6c1abcb8e4a833b7f922104de18627")),
-    "flickr30k": ((f"{_FLICKR30K}/flickr30k-images.zip", ""),
-                  (f"{_FLICKR30K}/flickr_annotations_30k.csv", "")),
+    "flickr8k": (
+        (f"{_FLICKR8K}/Flickr8k_Dataset.zip", "f18a1e2920de5bd84dae7cf08ec78978"),
+        (f"{_FLICKR8K}/Flickr8k_text.zip", "bf6c1abcb8e4a833b7f922104de18627"),
+    ),
+    "flickr30k": (
+        (f"{_FLICKR30K}/flickr30k-images.zip", ""),
+        (f"{_FLICKR30K}/flickr_annotations_30k.csv", ""),
+    ),
 }
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 CHUNK = 1 << 20  # bytes per read/write while streaming and copying
@@ -67,7 +71,8 @@ def download(cfg: Config) -> Path:
         raise CaptionerError(
             f"dataset '{cfg.data.dataset}': no files to download; built-in datasets are {builtin}; "
             f"for your own data run `captioner clean --dataset {cfg.data.dataset} --format csv "
-            "--captions FILE.csv --images FOLDER`, or give --set download.urls=[...]")
+            "--captions FILE.csv --images FOLDER`, or give --set download.urls=[...]"
+        )
     for url, md5 in files:
         fetch_and_extract(cfg, url, md5)
     if cfg.data.dataset in DATASETS:
@@ -82,8 +87,10 @@ def sources(cfg: Config) -> list[tuple[str, str]]:
         table = DATASETS.get(cfg.data.dataset, ())
         urls, sums = tuple(url for url, _ in table), tuple(md5 for _, md5 in table)
     if sums and len(sums) != len(urls):
-        raise CaptionerError(f"config download.md5: {len(sums)} sums for {len(urls)} urls; "
-                             "give one per url (\"\" = not verified)")
+        raise CaptionerError(
+            f"config download.md5: {len(sums)} sums for {len(urls)} urls; "
+            'give one per url ("" = not verified)'
+        )
     if cfg.download.skip_checksum or not sums:
         sums = ("",) * len(urls)
     return [(mirrored(url, cfg.download.mirror), md5) for url, md5 in zip(urls, sums, strict=True)]
@@ -117,15 +124,27 @@ def fetch_and_extract(cfg: Config, url: str, md5: str) -> None:
         log(f"reusing {path} (extracting it again: the last extraction did not finish)")
     else:
         options = cfg.download
-        fetch(url, path, md5, retries=options.retries, backoff=options.backoff,
-              timeout=options.timeout)
+        fetch(
+            url,
+            path,
+            md5,
+            retries=options.retries,
+            backoff=options.backoff,
+            timeout=options.timeout,
+        )
     if is_archive(name):
         extract(path, cfg.raw_dir)
         atomic_write_bytes(marker, b"")
 
 
-def fetch(url: str, dest: Path, md5: str = "", retries: int = 4, backoff: float = 2.0,
-          timeout: float = 60.0) -> Path:
+def fetch(
+    url: str,
+    dest: Path,
+    md5: str = "",
+    retries: int = 4,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+) -> Path:
     """Download `url` to `dest` via `dest.part`, resuming it; verify md5 ("" = don't); retry."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -143,7 +162,8 @@ def fetch(url: str, dest: Path, md5: str = "", retries: int = 4, backoff: float 
                 raise CaptionerError(
                     f"{url}: download failed after {attempt + 1} attempt(s) ({reason}); "
                     "run again later to resume, or fetch the same files from elsewhere with "
-                    "--mirror URL") from None
+                    "--mirror URL"
+                ) from None
             delay = backoff * 2**attempt
             log(f"{url}: {reason}; retry {attempt + 1} of {retries} in {delay:g} s")
             time.sleep(delay)
@@ -153,7 +173,8 @@ def fetch(url: str, dest: Path, md5: str = "", retries: int = 4, backoff: float 
             part.unlink()  # resuming would only append to bad bytes
             raise CaptionerError(
                 f"{dest}: md5 {actual} does not match the expected {md5}; the download was "
-                "deleted, run again to fetch it afresh (--skip-checksum if your mirror repackages)")
+                "deleted, run again to fetch it afresh (--skip-checksum if your mirror repackages)"
+            )
     os.replace(part, dest)
     return dest
 
@@ -165,8 +186,9 @@ def _stream(url: str, part: Path, timeout: float) -> None:
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                          timeout=timeout)
+        response = urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        )
     except HTTPError as error:
         if error.code == 416 and have:  # asked past the end: the partial file may be whole
             whole = error.headers.get("Content-Range", "") == f"bytes */{have}"
@@ -178,14 +200,23 @@ def _stream(url: str, part: Path, timeout: float) -> None:
         raise
     with response:
         content_range = response.headers.get("Content-Range", "")
-        resumed = bool(have) and response.status == 206 and content_range.startswith(
-            f"bytes {have}-")
+        resumed = (
+            bool(have) and response.status == 206 and content_range.startswith(f"bytes {have}-")
+        )
         start = have if resumed else 0  # a server that ignores Range sends the whole file
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
-        with (open(part, "ab" if resumed else "wb") as out,
-              tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=part.name.removesuffix(".part")) as bar):
+        with (
+            open(part, "ab" if resumed else "wb") as out,
+            tqdm(
+                total=total,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+            ) as bar,
+        ):
             while chunk := response.read(CHUNK):
                 out.write(chunk)
                 bar.update(len(chunk))
@@ -213,21 +244,30 @@ def _open_archive(path: Path) -> Iterator[list[tuple[str, Opener]]]:
     try:
         if path.name.lower().endswith(".zip"):
             with zipfile.ZipFile(path) as archive:
-                yield [(info.filename, None if info.is_dir() else functools.partial(
-                    archive.open, info)) for info in archive.infolist()]
+                yield [
+                    (
+                        info.filename,
+                        None if info.is_dir() else functools.partial(archive.open, info),
+                    )
+                    for info in archive.infolist()
+                ]
         else:
             with tarfile.open(path) as archive:
                 entries: list[tuple[str, Opener]] = []
                 for member in archive.getmembers():
                     if not (member.isfile() or member.isdir()):
-                        raise CaptionerError(f"{path}: entry '{member.name}' is a link or device; "
-                                             "refusing to extract (get the archive elsewhere)")
+                        raise CaptionerError(
+                            f"{path}: entry '{member.name}' is a link or device; "
+                            "refusing to extract (get the archive elsewhere)"
+                        )
                     opener = functools.partial(archive.extractfile, member)
                     entries.append((member.name, opener if member.isfile() else None))
                 yield entries
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as error:
-        raise CaptionerError(f"{path}: not a readable archive ({error}); delete it and run "
-                             "again to download it afresh") from None
+        raise CaptionerError(
+            f"{path}: not a readable archive ({error}); delete it and run "
+            "again to download it afresh"
+        ) from None
 
 
 def _inside(name: str, archive: Path) -> PurePosixPath | None:
@@ -235,8 +275,10 @@ def _inside(name: str, archive: Path) -> PurePosixPath | None:
     text = name.replace("\\", "/")
     path = PurePosixPath(text)
     if path.is_absolute() or re.match(r"[A-Za-z]:", text) or ".." in path.parts:
-        raise CaptionerError(f"{archive}: entry '{name}' would land outside the target folder; "
-                             "refusing to extract the archive (get it from a trusted source)")
+        raise CaptionerError(
+            f"{archive}: entry '{name}' would land outside the target folder; "
+            "refusing to extract the archive (get it from a trusted source)"
+        )
     parts = path.parts
     if not parts or "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] == ".DS_Store":
         return None
@@ -256,11 +298,15 @@ def extract(archive: Path, target: Path) -> Path:
     top-level folder is extracted as is; loose files go to target/<archive stem>/.
     """
     with _open_archive(archive) as entries:
-        plan = [(inside, opener) for name, opener in entries
-                if (inside := _inside(name, archive)) is not None]
+        plan = [
+            (inside, opener)
+            for name, opener in entries
+            if (inside := _inside(name, archive)) is not None
+        ]
         tops = {inside.parts[0] for inside, _ in plan}
-        one_folder = len(tops) == 1 and any(len(inside.parts) > 1 or opener is None
-                                            for inside, opener in plan)
+        one_folder = len(tops) == 1 and any(
+            len(inside.parts) > 1 or opener is None for inside, opener in plan
+        )
         root = target if one_folder else target / archive_stem(archive.name)
         for inside, opener in tqdm(plan, desc=f"extracting {archive.name}", unit="file"):
             dest = root / inside
@@ -276,6 +322,7 @@ def extract(archive: Path, target: Path) -> Path:
 
 # --- Karpathy's split -------------------------------------------------------------------------
 
+
 def _fetch_karpathy(cfg: Config) -> None:
     """raw/dataset_<name>.json from cfg.download.karpathy_url; a failure is only a warning."""
     url = cfg.download.karpathy_url
@@ -288,13 +335,21 @@ def _fetch_karpathy(cfg: Config) -> None:
         if not archive.is_file():
             fetch(url, archive, retries=0, timeout=cfg.download.timeout)
         with _open_archive(archive) as entries:
-            opener = next((opener for name, opener in entries
-                           if opener and PurePosixPath(name).name == wanted.name), None)
+            opener = next(
+                (
+                    opener
+                    for name, opener in entries
+                    if opener and PurePosixPath(name).name == wanted.name
+                ),
+                None,
+            )
             if opener is None:
                 raise CaptionerError(f"{archive}: holds no {wanted.name}")
             with opener() as source:
                 atomic_write_bytes(wanted, source.read())
         log(f"Karpathy split: {wanted}")
     except CaptionerError as error:
-        log(f"warning: Karpathy split not available ({error}); the dataset's own split still "
-            "works; set download.karpathy_url to another copy of caption_datasets.zip")
+        log(
+            f"warning: Karpathy split not available ({error}); the dataset's own split still "
+            "works; set download.karpathy_url to another copy of caption_datasets.zip"
+        )

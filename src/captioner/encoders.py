@@ -45,16 +45,39 @@ class EncoderSpec:
 ENCODERS: dict[str, EncoderSpec] = {
     spec.name: spec
     for spec in (
-        EncoderSpec("vgg16", "VGG16", "vgg16", "fc2", 4096,
-                    KERAS_WEIGHTS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5"),
-        EncoderSpec("resnet50", "ResNet50", "resnet50", "avg", 2048,
-                    KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        EncoderSpec("efficientnetb0", "EfficientNetB0", "efficientnet", "avg", 1280,
-                    "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5"),
+        EncoderSpec(
+            "vgg16",
+            "VGG16",
+            "vgg16",
+            "fc2",
+            4096,
+            KERAS_WEIGHTS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+        ),
+        EncoderSpec(
+            "resnet50",
+            "ResNet50",
+            "resnet50",
+            "avg",
+            2048,
+            KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        EncoderSpec(
+            "efficientnetb0",
+            "EfficientNetB0",
+            "efficientnet",
+            "avg",
+            1280,
+            "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+        ),
         # Small and fast (~0.1 GFLOP per image): quick experiments and tests.
-        EncoderSpec("mobilenetv3small", "MobileNetV3Small", "mobilenet_v3", "avg", 576,
-                    KERAS_WEIGHTS
-                    + "mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+        EncoderSpec(
+            "mobilenetv3small",
+            "MobileNetV3Small",
+            "mobilenet_v3",
+            "avg",
+            576,
+            KERAS_WEIGHTS + "mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        ),
     )
 }
 
@@ -77,8 +100,10 @@ def load_image(path: str | Path, size: int = 224) -> np.ndarray:
         raise BadImage(f"unreadable: {error.strerror or error}") from None
     if not data:
         raise BadImage("empty file (0 bytes)")
-    too_large = BadImage(f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels; "
-                         "resize it or raise PIL.Image.MAX_IMAGE_PIXELS")
+    too_large = BadImage(
+        f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels; "
+        "resize it or raise PIL.Image.MAX_IMAGE_PIXELS"
+    )
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
         if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
@@ -107,8 +132,9 @@ def resolve_precision(precision: str) -> str:
     if precision in ("float32", "bfloat16"):
         return precision
     if precision != "auto":
-        raise CaptionerError(f"features.precision: unknown value '{precision}'; "
-                             "use auto, float32 or bfloat16")
+        raise CaptionerError(
+            f"features.precision: unknown value '{precision}'; use auto, float32 or bfloat16"
+        )
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
@@ -123,8 +149,9 @@ def resolve_precision(precision: str) -> str:
 class Encoder:
     """A built network plus the decode -> preprocess -> infer pipeline around it."""
 
-    def __init__(self, spec: EncoderSpec, model: keras.Model, weights: str, precision: str,
-                 seed: int) -> None:
+    def __init__(
+        self, spec: EncoderSpec, model: keras.Model, weights: str, precision: str, seed: int
+    ) -> None:
         self.spec, self.model = spec, model
         self.name, self.dim, self.size = spec.name, spec.dim, spec.size
         self.weights, self.precision, self.seed = weights, precision, seed
@@ -152,8 +179,7 @@ class Encoder:
                 return np.zeros((size, size, 3), np.uint8), str(error).encode()
 
         def decode_op(path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            image, reason = tf.numpy_function(decode, [path], [tf.uint8, tf.string],
-                                              stateful=False)
+            image, reason = tf.numpy_function(decode, [path], [tf.uint8, tf.string], stateful=False)
             return tf.ensure_shape(image, (size, size, 3)), tf.ensure_shape(reason, ())
 
         paths = tf.constant([str(path) for group in groups for path in group] or [""])
@@ -162,30 +188,40 @@ class Encoder:
         ends = tf.constant(np.cumsum(lengths), tf.int64)
 
         def group_batches(index: tf.Tensor) -> tf.data.Dataset:
-            return (tf.data.Dataset.from_tensor_slices(paths[starts[index]:ends[index]])
-                    .map(decode_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-                    .batch(batch_size))
+            return (
+                tf.data.Dataset.from_tensor_slices(paths[starts[index] : ends[index]])
+                .map(decode_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .batch(batch_size)
+            )
 
-        return (tf.data.Dataset.range(len(groups)).flat_map(group_batches)
-                .prefetch(tf.data.AUTOTUNE))
+        return tf.data.Dataset.range(len(groups)).flat_map(group_batches).prefetch(tf.data.AUTOTUNE)
 
-    def encode_groups(self, groups: Sequence[Sequence[str]], batch_size: int = 16
-                      ) -> Iterator[tuple[int, np.ndarray, list[str], list[tuple[str, str]]]]:
+    def encode_groups(
+        self, groups: Sequence[Sequence[str]], batch_size: int = 16
+    ) -> Iterator[tuple[int, np.ndarray, list[str], list[tuple[str, str]]]]:
         """Per batch: (group index, features (n_ok, D) float32, ok paths, [(path, reason)])."""
         order = [(index, path) for index, group in enumerate(groups) for path in group]
         done = 0
         for images, reasons in self._dataset(groups, batch_size):
             features = self._infer(images).numpy()  # (B, D); rows of failed images are dropped
-            batch = order[done:done + len(features)]
+            batch = order[done : done + len(features)]
             done += len(features)
             reasons = [reason.decode() for reason in reasons.numpy()]
             ok = [i for i, reason in enumerate(reasons) if not reason]
-            yield (batch[0][0], features[ok], [batch[i][1] for i in ok],
-                   [(path, reason) for (_, path), reason in zip(batch, reasons, strict=True)
-                    if reason])
+            yield (
+                batch[0][0],
+                features[ok],
+                [batch[i][1] for i in ok],
+                [
+                    (path, reason)
+                    for (_, path), reason in zip(batch, reasons, strict=True)
+                    if reason
+                ],
+            )
 
-    def encode_files(self, paths: Sequence[str | Path], batch_size: int = 16
-                     ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    def encode_files(
+        self, paths: Sequence[str | Path], batch_size: int = 16
+    ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
         """(features (n_ok, D) float32, ok paths, [(path, reason)]) for image files."""
         parts, ok_paths, failures = [np.zeros((0, self.dim), np.float32)], [], []
         for _, features, ok, failed in self.encode_groups([[str(p) for p in paths]], batch_size):
@@ -198,8 +234,9 @@ class Encoder:
 def _build_network(spec: EncoderSpec, weights: str | None) -> keras.Model:
     application = getattr(keras.applications, spec.application)
     if spec.output == "avg":
-        return application(weights=weights, include_top=False, pooling="avg",
-                           input_shape=(spec.size, spec.size, 3))
+        return application(
+            weights=weights, include_top=False, pooling="avg", input_shape=(spec.size, spec.size, 3)
+        )
     network = application(weights=weights, input_shape=(spec.size, spec.size, 3))
     return keras.Model(network.inputs, network.get_layer(spec.output).output, name=spec.name)
 
@@ -210,14 +247,17 @@ def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 
 
     Building takes seconds, so the last two encoders built are kept and returned again."""
     if name not in ENCODERS:
-        raise CaptionerError(f"features.encoder: unknown encoder '{name}'; "
-                             f"choose one of {', '.join(ENCODERS)}")
+        raise CaptionerError(
+            f"features.encoder: unknown encoder '{name}'; choose one of {', '.join(ENCODERS)}"
+        )
     stamp = None
     if weights not in ("imagenet", "none"):
         weights = str(Path(weights).expanduser().resolve())
         if not Path(weights).is_file():
-            raise CaptionerError(f"{weights}: weights file not found; pass --weights imagenet, "
-                                 "none, or an existing .h5 file")
+            raise CaptionerError(
+                f"{weights}: weights file not found; pass --weights imagenet, "
+                "none, or an existing .h5 file"
+            )
         stamp = Path(weights).stat().st_mtime_ns  # a rewritten file is a new encoder
     return _build(name, weights, resolve_precision(precision), seed, stamp)
 
@@ -235,9 +275,12 @@ def _build(name: str, weights: str, precision: str, seed: int, stamp: int | None
         if weights == "imagenet":
             raise CaptionerError(
                 f"{name}: could not download the ImageNet weights ({reason}); download "
-                f"{spec.weights_url} yourself and pass --weights PATH") from None
-        raise CaptionerError(f"{weights}: not {name} weights ({reason}); pass the Keras file "
-                             f"{spec.weights_url.rsplit('/', 1)[-1]}") from None
+                f"{spec.weights_url} yourself and pass --weights PATH"
+            ) from None
+        raise CaptionerError(
+            f"{weights}: not {name} weights ({reason}); pass the Keras file "
+            f"{spec.weights_url.rsplit('/', 1)[-1]}"
+        ) from None
     finally:
         keras.config.set_dtype_policy(previous)
     return Encoder(spec, model, weights, precision, seed)

@@ -30,12 +30,24 @@ from captioner.io import atomic_write_bytes, log, read_json, write_json
 CHUNK = 500  # images per decoding call: the unit of progress
 # Feature-cache settings that must match the run's features_meta.json.
 SAME_FEATURES = ("encoder", "weights", "seed", "precision", "dim")
-LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4",
-          "cider_d": "CIDEr-D", "rouge_l": "ROUGE-L", "meteor": "METEOR"}
+LABELS = {
+    "bleu1": "BLEU-1",
+    "bleu2": "BLEU-2",
+    "bleu3": "BLEU-3",
+    "bleu4": "BLEU-4",
+    "cider_d": "CIDEr-D",
+    "rouge_l": "ROUGE-L",
+    "meteor": "METEOR",
+}
 
 
-def evaluate(run_dir: str | Path, split: str = "test", beam: int | None = None,
-             data_dir: str | None = None, with_meteor: bool = True) -> Path:
+def evaluate(
+    run_dir: str | Path,
+    split: str = "test",
+    beam: int | None = None,
+    data_dir: str | None = None,
+    with_meteor: bool = True,
+) -> Path:
     """Score the run on `split`; return the path of metrics.json (reused when up to date)."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, with_encoder=False)
@@ -53,21 +65,33 @@ def evaluate(run_dir: str | Path, split: str = "test", beam: int | None = None,
     references = split_references(run, split)
     images, features = split_features(run, references)
     hypotheses: list[str] = []
-    with tqdm(total=len(images), unit="img", desc=f"captioning {split}", file=sys.stderr,
-              dynamic_ncols=True) as progress:
+    with tqdm(
+        total=len(images),
+        unit="img",
+        desc=f"captioning {split}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as progress:
         for start in range(0, len(images), CHUNK):
-            hypotheses += run.caption_features(features[start:start + CHUNK], settings["beam"])
+            hypotheses += run.caption_features(features[start : start + CHUNK], settings["beam"])
             progress.update(min(CHUNK, len(images) - start))
     refs = [references[image] for image in images]
     scores, notes = metrics.score_all(hypotheses, refs, with_meteor=with_meteor)
-    result = {"run": str(run_dir), "split": split, "images": len(images),
-              "skipped_images": len(references) - len(images), "decoding": settings,
-              "metrics": scores, "bleu_reference_style": metrics.bleu_reference_style(
-                  hypotheses, refs),
-              "notes": notes, "model_sha256": model_sha256,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    table = pd.DataFrame({"image": images, "caption": hypotheses,
-                          "references": [" | ".join(r) for r in refs]})
+    result = {
+        "run": str(run_dir),
+        "split": split,
+        "images": len(images),
+        "skipped_images": len(references) - len(images),
+        "decoding": settings,
+        "metrics": scores,
+        "bleu_reference_style": metrics.bleu_reference_style(hypotheses, refs),
+        "notes": notes,
+        "model_sha256": model_sha256,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    table = pd.DataFrame(
+        {"image": images, "caption": hypotheses, "references": [" | ".join(r) for r in refs]}
+    )
     atomic_write_bytes(run_dir / "predictions.csv", table.to_csv(index=False).encode())
     write_json(metrics_path, result)  # last: its presence means a finished evaluation
     print_table(result)
@@ -82,8 +106,12 @@ def _previous(path: Path, split: str, settings: dict, model_sha256: str) -> dict
         stored = read_json(path)
     except CaptionerError:
         return None  # damaged: evaluate again
-    same = (isinstance(stored, dict) and stored.get("split") == split
-            and stored.get("decoding") == settings and stored.get("model_sha256") == model_sha256)
+    same = (
+        isinstance(stored, dict)
+        and stored.get("split") == split
+        and stored.get("decoding") == settings
+        and stored.get("model_sha256") == model_sha256
+    )
     return stored if same else None
 
 
@@ -93,22 +121,27 @@ def split_references(run: LoadedRun, split: str) -> dict[str, list[str]]:
 
     cfg = run.cfg
     if not cfg.captions_csv.is_file():
-        raise CaptionerError(f"{cfg.captions_csv}: not found; pass --data-dir DIR where the run's "
-                             f"dataset '{cfg.data.dataset}' lives (DIR/{cfg.data.dataset}/)")
+        raise CaptionerError(
+            f"{cfg.captions_csv}: not found; pass --data-dir DIR where the run's "
+            f"dataset '{cfg.data.dataset}' lives (DIR/{cfg.data.dataset}/)"
+        )
     frame, _ = load_captions(cfg)
     rows = frame[frame["split"] == split]
     if rows.empty:
         found = ", ".join(sorted(set(frame["split"]))) or "none"
-        raise CaptionerError(f"{cfg.captions_csv}: no images in split '{split}' (splits: "
-                             f"{found}); pass --split with one of them")
+        raise CaptionerError(
+            f"{cfg.captions_csv}: no images in split '{split}' (splits: "
+            f"{found}); pass --split with one of them"
+        )
     references: dict[str, list[str]] = {}
     for image, caption in zip(rows["image"], rows["caption"], strict=True):
         references.setdefault(image, []).append(caption)
     return references
 
 
-def split_features(run: LoadedRun, references: dict[str, list[str]]
-                   ) -> tuple[list[str], np.ndarray]:
+def split_features(
+    run: LoadedRun, references: dict[str, list[str]]
+) -> tuple[list[str], np.ndarray]:
     """Images of the split that have a feature row, and their features (N, D) float32."""
     from captioner.features import load_cache
 
@@ -118,14 +151,19 @@ def split_features(run: LoadedRun, references: dict[str, list[str]]
             raise CaptionerError(
                 f"{cache.path / 'meta.json'}: {key}={cache.meta.get(key)!r}, but run "
                 f"{run.run_dir} was trained on {key}={run.features_meta.get(key)!r}; extract "
-                "features with the run's settings (see its features_meta.json)")
+                "features with the run's settings (see its features_meta.json)"
+            )
     images = [image for image in references if image in cache.row]
     if len(images) < len(references):
-        log(f"{len(references) - len(images)} images of the split have no features (unreadable "
-            "or missing); scored without them")
+        log(
+            f"{len(references) - len(images)} images of the split have no features (unreadable "
+            "or missing); scored without them"
+        )
     if not images:
-        raise CaptionerError(f"{cache.path}: none of the split's images has features; "
-                             "run `captioner features` for this dataset")
+        raise CaptionerError(
+            f"{cache.path}: none of the split's images has features; "
+            "run `captioner features` for this dataset"
+        )
     rows = np.array([cache.row[image] for image in images])
     return images, np.asarray(cache.features[rows], dtype=np.float32)
 
@@ -133,9 +171,11 @@ def split_features(run: LoadedRun, references: dict[str, list[str]]
 def print_table(result: dict[str, Any]) -> None:
     """The scores of one evaluation, with the split and decoding named, on stdout."""
     d = result["decoding"]
-    print(f"{result['run']}: split {result['split']}, {result['images']} images, beam "
-          f"{d['beam']}, length_penalty {d['length_penalty']}, no_repeat_ngram "
-          f"{d['no_repeat_ngram']}, max_length {d['max_length']}")
+    print(
+        f"{result['run']}: split {result['split']}, {result['images']} images, beam "
+        f"{d['beam']}, length_penalty {d['length_penalty']}, no_repeat_ngram "
+        f"{d['no_repeat_ngram']}, max_length {d['max_length']}"
+    )
     old = result["bleu_reference_style"]
     for key, value in result["metrics"].items():
         extra = f"   (start/end counted, as the notebook did: {old[key]:.3f})" if key in old else ""

@@ -73,8 +73,10 @@ def load_cache(features_dir: str | Path) -> FeatureCache:
     except (OSError, ValueError) as error:
         raise CaptionerError(f"{folder}: unreadable cache ({error}); {rerun}") from None
     if features.ndim != 2 or features.shape != (len(ids), meta["dim"]) or meta["count"] != len(ids):
-        raise CaptionerError(f"{folder}: features.npy is {features.shape}, ids.txt has {len(ids)} "
-                             f"lines, meta.json says {meta['count']} x {meta['dim']}; {rerun}")
+        raise CaptionerError(
+            f"{folder}: features.npy is {features.shape}, ids.txt has {len(ids)} "
+            f"lines, meta.json says {meta['count']} x {meta['dim']}; {rerun}"
+        )
     row = {name: index for index, name in enumerate(ids)}
     if len(row) != len(ids):
         raise CaptionerError(f"{folder / 'ids.txt'}: an image is listed twice; {rerun}")
@@ -99,9 +101,14 @@ def _settings(cfg: Config, names: list[str]) -> dict[str, Any]:
     weights = cfg.features.weights
     if weights not in ("imagenet", "none"):
         weights = str(Path(weights).expanduser().resolve())
-    return {"encoder": cfg.features.encoder, "weights": weights,
-            "seed": cfg.seed if weights == "none" else None, "precision": cfg.features.precision,
-            "dtype": cfg.features.dtype, "images_sha256": _digest(names)}
+    return {
+        "encoder": cfg.features.encoder,
+        "weights": weights,
+        "seed": cfg.seed if weights == "none" else None,
+        "precision": cfg.features.precision,
+        "dtype": cfg.features.dtype,
+        "images_sha256": _digest(names),
+    }
 
 
 def _check_same(found: dict[str, Any], wanted: dict[str, Any], where: Path, fix: str) -> None:
@@ -110,8 +117,11 @@ def _check_same(found: dict[str, Any], wanted: dict[str, Any], where: Path, fix:
         if key not in found or key not in wanted or wanted[key] == "auto":
             continue
         if found[key] != wanted[key]:
-            what = "the image list (captions.csv changed)" if key == "images_sha256" else (
-                f"{key}={found[key]!r}, not {wanted[key]!r}")
+            what = (
+                "the image list (captions.csv changed)"
+                if key == "images_sha256"
+                else (f"{key}={found[key]!r}, not {wanted[key]!r}")
+            )
             raise CaptionerError(f"{where}: made with {what}; {fix}")
 
 
@@ -130,23 +140,33 @@ def extract(cfg: Config) -> Path:
     A finished cache made with other settings is an error (never silently recomputed)."""
     names, images_dir = _image_list(cfg)
     out, chunk_size = cfg.features_dir, cfg.features.chunk_size
-    if chunk_size < 1 or cfg.features.batch_size < 1 or cfg.features.dtype not in (
-            "float32", "float16"):
-        raise CaptionerError("config features.chunk_size and batch_size must be >= 1 and "
-                             "features.dtype float32 or float16")
+    if (
+        chunk_size < 1
+        or cfg.features.batch_size < 1
+        or cfg.features.dtype not in ("float32", "float16")
+    ):
+        raise CaptionerError(
+            "config features.chunk_size and batch_size must be >= 1 and "
+            "features.dtype float32 or float16"
+        )
     wanted = _settings(cfg, names)
     extra: dict[str, Any] = {}
     if cfg.features.shard:
         index, count = _shard(cfg.features.shard)
         chunks = np.array_split(np.arange(-(-len(names) // chunk_size)), count)[index]
-        start, stop = (chunks[0] * chunk_size, (chunks[-1] + 1) * chunk_size) if len(chunks) \
-            else (0, 0)
+        start, stop = (
+            (chunks[0] * chunk_size, (chunks[-1] + 1) * chunk_size) if len(chunks) else (0, 0)
+        )
         out = out / "shards" / f"{index}-of-{count}"
         extra = {"shard": f"{index}/{count}", "shard_first": int(start), "images": len(names)}
         names = names[start:stop]
     if (out / "meta.json").is_file():
-        _check_same(load_cache(out).meta, wanted, out,
-                    f"delete {out} to recompute, or pass the settings it was made with")
+        _check_same(
+            load_cache(out).meta,
+            wanted,
+            out,
+            f"delete {out} to recompute, or pass the settings it was made with",
+        )
         if (out / "chunks").is_dir():  # killed after meta.json, before the clean-up
             shutil.rmtree(out / "chunks")
         log(f"reusing {out}")
@@ -155,70 +175,122 @@ def extract(cfg: Config) -> Path:
     return out
 
 
-def _compute(cfg: Config, names: list[str], images_dir: Path, out: Path,
-             settings: dict[str, Any], extra: dict[str, Any]) -> None:
+def _compute(
+    cfg: Config,
+    names: list[str],
+    images_dir: Path,
+    out: Path,
+    settings: dict[str, Any],
+    extra: dict[str, Any],
+) -> None:
     from captioner import encoders
 
     spec = encoders.ENCODERS.get(cfg.features.encoder)
     if spec is None:
-        raise CaptionerError(f"features.encoder: unknown encoder '{cfg.features.encoder}'; "
-                             f"choose one of {', '.join(encoders.ENCODERS)}")
+        raise CaptionerError(
+            f"features.encoder: unknown encoder '{cfg.features.encoder}'; "
+            f"choose one of {', '.join(encoders.ENCODERS)}"
+        )
     settings = {**settings, "precision": encoders.resolve_precision(settings["precision"])}
     chunks_dir, size = out / "chunks", cfg.features.chunk_size
     plan_path = chunks_dir / "plan.json"
     if plan_path.is_file():
         plan = read_json(plan_path)
-        _check_same(plan, settings, chunks_dir, f"finish them with those settings or delete "
-                    f"{chunks_dir} to start over")
+        _check_same(
+            plan,
+            settings,
+            chunks_dir,
+            f"finish them with those settings or delete {chunks_dir} to start over",
+        )
         size = plan["chunk_size"]  # resume on the same boundaries
     else:
         write_json(plan_path, {**settings, "chunk_size": size})
-    chunk_names = [names[start:start + size] for start in range(0, len(names), size)]
+    chunk_names = [names[start : start + size] for start in range(0, len(names), size)]
     todo = [k for k in range(len(chunk_names)) if not (chunks_dir / f"{k:05d}.json").is_file()]
     present = {name for k in todo for name in chunk_names[k] if (images_dir / name).is_file()}
     missing = sum(len(chunk_names[k]) for k in todo) - len(present)
     if todo and not present and missing == len(names):
-        raise CaptionerError(f"{images_dir}: none of the {len(names)} images listed in "
-                             f"{cfg.captions_csv} exist; check images_dir in captions.json")
+        raise CaptionerError(
+            f"{images_dir}: none of the {len(names)} images listed in "
+            f"{cfg.captions_csv} exist; check images_dir in captions.json"
+        )
     if missing:
-        log(f"{images_dir}: {missing} images listed in {cfg.captions_csv} are missing "
-            f"(listed in bad_images.txt)")
+        log(
+            f"{images_dir}: {missing} images listed in {cfg.captions_csv} are missing "
+            f"(listed in bad_images.txt)"
+        )
     if len(todo) < len(chunk_names):
         log(f"resuming {out}: {len(chunk_names) - len(todo)} of {len(chunk_names)} chunks done")
     if todo:
-        _run_chunks(cfg, settings["precision"], chunks_dir, images_dir,
-                    [chunk_names[k] for k in todo], todo, present)
-    _assemble(out, chunks_dir, len(chunk_names), {
-        "format": FORMAT, **settings, "dim": spec.dim, "input_size": [spec.size, spec.size],
-        "chunk_size": size,
-        "preprocessing": "keras.utils.load_img(target_size) equivalent + preprocess_input",
-        "images_dir": str(images_dir.resolve()), **extra, "versions": library_versions()})
+        _run_chunks(
+            cfg,
+            settings["precision"],
+            chunks_dir,
+            images_dir,
+            [chunk_names[k] for k in todo],
+            todo,
+            present,
+        )
+    _assemble(
+        out,
+        chunks_dir,
+        len(chunk_names),
+        {
+            "format": FORMAT,
+            **settings,
+            "dim": spec.dim,
+            "input_size": [spec.size, spec.size],
+            "chunk_size": size,
+            "preprocessing": "keras.utils.load_img(target_size) equivalent + preprocess_input",
+            "images_dir": str(images_dir.resolve()),
+            **extra,
+            "versions": library_versions(),
+        },
+    )
 
 
-def _run_chunks(cfg: Config, precision: str, chunks_dir: Path, images_dir: Path,
-                chunk_names: list[list[str]], chunk_ids: list[int], present: set[str]) -> None:
+def _run_chunks(
+    cfg: Config,
+    precision: str,
+    chunks_dir: Path,
+    images_dir: Path,
+    chunk_names: list[list[str]],
+    chunk_ids: list[int],
+    present: set[str],
+) -> None:
     """Encode the present images of each chunk; write each chunk as soon as it is complete."""
     encoder = build_encoder(cfg.features.encoder, cfg.features.weights, precision, cfg.seed)
     name_of = {str(images_dir / n): n for chunk in chunk_names for n in chunk if n in present}
     groups = [[str(images_dir / n) for n in chunk if n in present] for chunk in chunk_names]
-    pending = {k: {"rows": [], "ids": [], "bad": [[n, "missing: no such file"] for n in chunk
-                                                 if n not in present]}
-               for k, chunk in enumerate(chunk_names)}
+    pending = {
+        k: {
+            "rows": [],
+            "ids": [],
+            "bad": [[n, "missing: no such file"] for n in chunk if n not in present],
+        }
+        for k, chunk in enumerate(chunk_names)
+    }
     dtype = np.dtype(cfg.features.dtype)
 
     def finish(k: int) -> None:
         part = pending.pop(k)
         rows = np.concatenate(part["rows"] or [np.zeros((0, encoder.dim), np.float32)])
         _save_npy(chunks_dir / f"{chunk_ids[k]:05d}.npy", rows.astype(dtype))
-        write_json(chunks_dir / f"{chunk_ids[k]:05d}.json", {"ids": part["ids"],
-                                                             "bad": part["bad"]})
+        write_json(
+            chunks_dir / f"{chunk_ids[k]:05d}.json", {"ids": part["ids"], "bad": part["bad"]}
+        )
 
     for k, group in enumerate(groups):
         if not group:  # every image of the chunk is missing: nothing to encode
             finish(k)
     remaining = {k: len(group) for k, group in enumerate(groups)}
-    with tqdm(total=sum(remaining.values()), unit="img", desc=f"features {encoder.name}",
-              file=sys.stderr, dynamic_ncols=True) as progress:
+    with tqdm(
+        total=sum(remaining.values()),
+        unit="img",
+        desc=f"features {encoder.name}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as progress:
         for k, rows, ok, failed in encoder.encode_groups(groups, cfg.features.batch_size):
             part = pending[k]
             part["rows"].append(rows)
@@ -254,17 +326,21 @@ def _assemble(out: Path, chunks_dir: Path, n_chunks: int, meta: dict[str, Any]) 
     shutil.rmtree(chunks_dir)
 
 
-def _write_cache(out: Path, parts: list[tuple[np.ndarray, list[str], list[tuple[str, str]]]],
-                 meta: dict[str, Any]) -> None:
+def _write_cache(
+    out: Path,
+    parts: list[tuple[np.ndarray, list[str], list[tuple[str, str]]]],
+    meta: dict[str, Any],
+) -> None:
     """features.npy, ids.txt, bad_images.txt from (rows, ids, bad) parts; meta.json last."""
     ids = [name for _, names, _ in parts for name in names]
     bad = [pair for _, _, pairs in parts for pair in pairs]
     tmp = out / "features.npy.tmp"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(meta["dtype"]),
-                                      shape=(len(ids), meta["dim"]))
+    array = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.dtype(meta["dtype"]), shape=(len(ids), meta["dim"])
+    )
     start = 0
     for rows, _, _ in parts:
-        array[start:start + len(rows)] = rows
+        array[start : start + len(rows)] = rows
         start += len(rows)
     array.flush()
     del array
@@ -276,10 +352,20 @@ def _write_cache(out: Path, parts: list[tuple[np.ndarray, list[str], list[tuple[
     atomic_write_bytes(out / "bad_images.txt", lines.encode())
     missing = sum(reason.startswith("missing") for _, reason in bad)
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json(out / "meta.json", {**meta, "count": len(ids), "bad": len(bad) - missing,
-                                   "missing": missing, "created": created})
-    log(f"{out}: {len(ids)} features of dimension {meta['dim']}, {len(bad) - missing} unreadable "
-        f"and {missing} missing images")
+    write_json(
+        out / "meta.json",
+        {
+            **meta,
+            "count": len(ids),
+            "bad": len(bad) - missing,
+            "missing": missing,
+            "created": created,
+        },
+    )
+    log(
+        f"{out}: {len(ids)} features of dimension {meta['dim']}, {len(bad) - missing} unreadable "
+        f"and {missing} missing images"
+    )
 
 
 def _read_bad(folder: Path) -> list[tuple[str, str]]:
@@ -296,28 +382,42 @@ def merge_shards(cfg: Config) -> Path:
     found = [re.fullmatch(r"(\d+)-of-(\d+)", p.name) for p in (out / "shards").glob("*-of-*")]
     counts = {int(match[2]) for match in found if match}
     if len(counts) != 1:
-        raise CaptionerError(f"{out / 'shards'}: expected shards I-of-N for one N, found "
-                             f"{sorted(counts) or 'none'}; run `captioner features --shard I/N`")
+        raise CaptionerError(
+            f"{out / 'shards'}: expected shards I-of-N for one N, found "
+            f"{sorted(counts) or 'none'}; run `captioner features --shard I/N`"
+        )
     count = counts.pop()
     names, _ = _image_list(cfg)
     caches = []
     for index in range(count):
         folder = out / "shards" / f"{index}-of-{count}"
         if not (folder / "meta.json").is_file():
-            raise CaptionerError(f"{folder}: shard {index}/{count} is not finished; run "
-                                 f"`captioner features --shard {index}/{count}`")
+            raise CaptionerError(
+                f"{folder}: shard {index}/{count} is not finished; run "
+                f"`captioner features --shard {index}/{count}`"
+            )
         caches.append(load_cache(folder))
     first = caches[0].meta
     for cache in caches:
-        _check_same(cache.meta, first, cache.path,
-                    f"recompute it with the settings of {caches[0].path.name}")
-    _check_same(first, _settings(cfg, names), out / "shards",
-                "recompute the shards with the current settings and captions.csv")
+        _check_same(
+            cache.meta,
+            first,
+            cache.path,
+            f"recompute it with the settings of {caches[0].path.name}",
+        )
+    _check_same(
+        first,
+        _settings(cfg, names),
+        out / "shards",
+        "recompute the shards with the current settings and captions.csv",
+    )
     parts = [(cache.features, cache.ids, _read_bad(cache.path)) for cache in caches]
     covered = [name for _, ids, bad in parts for name in ids + [pair[0] for pair in bad]]
     if sorted(covered) != sorted(names):
-        raise CaptionerError(f"{out / 'shards'}: the shards do not cover the {len(names)} images "
-                             "exactly (made with different chunk sizes?); recompute them")
+        raise CaptionerError(
+            f"{out / 'shards'}: the shards do not cover the {len(names)} images "
+            "exactly (made with different chunk sizes?); recompute them"
+        )
     meta = {key: value for key, value in first.items() if not key.startswith("shard")}
     meta.pop("images", None)
     _write_cache(out, parts, {**meta, "merged_shards": count})

@@ -18,8 +18,14 @@ from captioner.errors import CaptionerError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 # Split names used by the sources -> ours. Karpathy's "restval" images are training images.
-SPLIT_NAMES = {"train": "train", "restval": "train", "val": "dev", "dev": "dev",
-               "validation": "dev", "test": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "restval": "train",
+    "val": "dev",
+    "dev": "dev",
+    "validation": "dev",
+    "test": "test",
+}
 # Known caption files, richest first: with format "auto" the first one found wins. Sources that
 # also define a split (token.txt + official split files, the HF csv, Karpathy's json) come first.
 KNOWN_FILES = {
@@ -34,8 +40,11 @@ KNOWN_FILES = {
 KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json")
 # Which Karpathy file belongs to a caption format's dataset.
 FAMILY = {"flickr8k": "flickr8k", "kaggle": "flickr8k", "flickr30k": "flickr30k", "hf": "flickr30k"}
-OFFICIAL_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
-                        "test": "Flickr_8k.testImages.txt"}
+OFFICIAL_SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "dev": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 UNREADABLE = "\ufffd"  # what a byte sequence that is not UTF-8 decodes to
 
 
@@ -128,8 +137,10 @@ def read_csv_file(path: Path, format_name: str = "csv") -> CaptionSource:
     source = CaptionSource(format_name, path)
     header, rows = _csv_rows(path)
     if "image" not in header or "caption" not in header:
-        raise CaptionerError(f"{path}: needs a header line with columns image,caption[,split]; "
-                             f"found {','.join(header) or 'nothing'}")
+        raise CaptionerError(
+            f"{path}: needs a header line with columns image,caption[,split]; "
+            f"found {','.join(header) or 'nothing'}"
+        )
     image_at, caption_at = header.index("image"), header.index("caption")
     split_at = header.index("split") if "split" in header else None
     for number, row in rows:
@@ -168,8 +179,10 @@ def read_hf_csv(path: Path) -> CaptionSource:
     source = CaptionSource("hf", path)
     header, rows = _csv_rows(path)
     if not {"raw", "split", "filename"} <= set(header):
-        raise CaptionerError(f"{path}: needs columns raw, split and filename (Hugging Face "
-                             f"annotations csv); found {','.join(header) or 'nothing'}")
+        raise CaptionerError(
+            f"{path}: needs columns raw, split and filename (Hugging Face "
+            f"annotations csv); found {','.join(header) or 'nothing'}"
+        )
     at = {name: header.index(name) for name in ("raw", "split", "filename")}
     for number, row in rows:
         try:
@@ -240,8 +253,9 @@ READERS: dict[str, Callable[[Path], CaptionSource]] = {
 def check_format(format_name: str) -> str:
     """`format_name` if it is "auto" or has a reader; else a one-line error listing them."""
     if format_name != "auto" and format_name not in READERS:
-        raise CaptionerError(f"unknown caption format '{format_name}'; "
-                             f"use one of auto, {', '.join(READERS)}")
+        raise CaptionerError(
+            f"unknown caption format '{format_name}'; use one of auto, {', '.join(READERS)}"
+        )
     return format_name
 
 
@@ -250,8 +264,10 @@ def read(format_name: str, path: Path) -> CaptionSource:
     check_format(format_name)
     source = READERS[format_name](Path(path))
     if not source.records:
-        raise CaptionerError(f"{path}: no captions found (read as format {format_name}, "
-                             f"{len(source.malformed)} malformed {source.unit}s); check the file")
+        raise CaptionerError(
+            f"{path}: no captions found (read as format {format_name}, "
+            f"{len(source.malformed)} malformed {source.unit}s); check the file"
+        )
     return source
 
 
@@ -261,8 +277,13 @@ def walk(root: Path) -> Iterator[tuple[Path, list[str]]]:
     seen: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         seen.add(os.path.realpath(folder))
-        dirs[:] = sorted(d for d in dirs if d != "__MACOSX" and not d.startswith(".")
-                         and os.path.realpath(os.path.join(folder, d)) not in seen)
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if d != "__MACOSX"
+            and not d.startswith(".")
+            and os.path.realpath(os.path.join(folder, d)) not in seen
+        )
         yield Path(folder), sorted(files)
 
 
@@ -285,8 +306,9 @@ def karpathy_file(found: dict[str, Path], dataset: str, format_name: str) -> Pat
     return None
 
 
-def choose_source(found: dict[str, Path], format_name: str, dataset: str,
-                  where: Path) -> tuple[str, Path]:
+def choose_source(
+    found: dict[str, Path], format_name: str, dataset: str, where: Path
+) -> tuple[str, Path]:
     """(format, caption file): the richest known file in `found` (from `find_sources(where)`),
     or the one of the requested format."""
     for name, fmt in KNOWN_FILES.items():
@@ -295,8 +317,10 @@ def choose_source(found: dict[str, Path], format_name: str, dataset: str,
                 return fmt, karpathy_file(found, dataset, format_name) or found[name]
             return fmt, found[name]
     wanted = [name for name, fmt in KNOWN_FILES.items() if format_name in ("auto", fmt)]
-    raise CaptionerError(f"{where}: no caption file found (looked for {', '.join(wanted)}); "
-                         "download the dataset or pass --format csv|coco --captions FILE")
+    raise CaptionerError(
+        f"{where}: no caption file found (looked for {', '.join(wanted)}); "
+        "download the dataset or pass --format csv|coco --captions FILE"
+    )
 
 
 def detect_format(path: Path) -> str:
@@ -312,8 +336,10 @@ def detect_format(path: Path) -> str:
             return "coco"
         if isinstance(data, dict) and "images" in data:
             return "karpathy"
-        raise CaptionerError(f"{path}: unknown JSON caption format; expected COCO "
-                             "(images + annotations) or Karpathy (images with sentences)")
+        raise CaptionerError(
+            f"{path}: unknown JSON caption format; expected COCO "
+            "(images + annotations) or Karpathy (images with sentences)"
+        )
     first = next(_lines(path), (0, ""))[1].lower()
     if first.startswith("image_name|"):
         return "flickr30k"

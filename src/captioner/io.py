@@ -44,7 +44,9 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise CaptionerError(f"{path}: file not found") from None
     except json.JSONDecodeError as error:
-        raise CaptionerError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise CaptionerError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno})"
+        ) from None
     except UnicodeDecodeError:
         raise CaptionerError(f"{path}: not UTF-8 text") from None
 

@@ -32,9 +32,11 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict
     return scores
 
 
-def bleu_reference_style(hypotheses: Sequence[str],
-                         references: Sequence[Sequence[str]]) -> dict[str, float]:
+def bleu_reference_style(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+) -> dict[str, float]:
     """BLEU as the old notebook computed it: startseq/endseq counted as words (inflated)."""
+
     def wrap(caption: str) -> str:
         return f"{START_WORD} {caption} {END_WORD}"
 
@@ -42,12 +44,14 @@ def bleu_reference_style(hypotheses: Sequence[str],
 
 
 def _ngrams(words: Sequence[str], n: int = 4) -> Counter:
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1)
-                   for i in range(len(words) - k + 1))
+    return Counter(
+        tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1)
+    )
 
 
-def cider_d(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 4,
-            sigma: float = 6.0) -> float:
+def cider_d(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0
+) -> float:
     """CIDEr-D (Vedantam et al. 2015) as in coco-caption: tf-idf n-gram vectors with idf from the
     references of this set, clipped cosine similarity, Gaussian length penalty, times 10."""
     hyp_counts = [_ngrams(h.split(), n) for h in hypotheses]
@@ -75,8 +79,9 @@ def cider_d(hypotheses: Sequence[str], references: Sequence[Sequence[str]], n: i
             vec_r, norm_r, len_r = vectorize(ref)
             for k in range(n):
                 # clipped: a hypothesis gains nothing by repeating an n-gram more than the reference
-                dot = sum(min(v, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0)
-                          for g, v in vec_h[k].items())
+                dot = sum(
+                    min(v, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, v in vec_h[k].items()
+                )
                 if norm_h[k] != 0 and norm_r[k] != 0:
                     dot /= norm_h[k] * norm_r[k]
                 total[k] += dot * np.exp(-((len_h - len_r) ** 2) / (2 * sigma**2))
@@ -95,8 +100,9 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
     return previous[-1]
 
 
-def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-            beta: float = 1.2) -> float:
+def rouge_l(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2
+) -> float:
     """ROUGE-L as in coco-caption: F-measure of the best LCS precision and recall among the
     references."""
     scores = []
@@ -115,8 +121,9 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
     return float(np.mean(scores)) if scores else 0.0
 
 
-def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
-           ) -> tuple[float | None, str]:
+def meteor(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+) -> tuple[float | None, str]:
     """(METEOR 1.5, "") via pycocoevalcap's jar, or (None, why it was skipped)."""
     if shutil.which("java") is None:
         return None, "METEOR skipped: no `java` on PATH"
@@ -128,8 +135,10 @@ def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
     scorer = None
     try:
         scorer = Meteor()
-        score, _ = scorer.compute_score(dict(zip(keys, map(list, references), strict=True)),
-                                        {k: [h] for k, h in zip(keys, hypotheses, strict=True)})
+        score, _ = scorer.compute_score(
+            dict(zip(keys, map(list, references), strict=True)),
+            {k: [h] for k, h in zip(keys, hypotheses, strict=True)},
+        )
     except (OSError, ValueError) as error:  # e.g. the JVM died: a broken pipe or an empty reply
         if scorer is not None and scorer.lock.locked():
             scorer.lock.release()  # else Meteor.__del__ would wait for this lock forever
@@ -137,11 +146,15 @@ def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]
     return float(score), ""
 
 
-def score_all(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-              with_meteor: bool = True) -> tuple[dict[str, float], list[str]]:
+def score_all(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], with_meteor: bool = True
+) -> tuple[dict[str, float], list[str]]:
     """Every metric: ({"bleu1".."bleu4", "cider_d", "rouge_l"[, "meteor"]}, notes)."""
-    scores = {**bleu(hypotheses, references), "cider_d": cider_d(hypotheses, references),
-              "rouge_l": rouge_l(hypotheses, references)}
+    scores = {
+        **bleu(hypotheses, references),
+        "cider_d": cider_d(hypotheses, references),
+        "rouge_l": rouge_l(hypotheses, references),
+    }
     notes = []
     if with_meteor:
         value, note = meteor(hypotheses, references)

@@ -112,8 +112,14 @@ def _image_grid(cells: Sequence[tuple[Path, str]], title: str, columns: int = 3)
 # --- dataset plots -------------------------------------------------------------------------
 
 
-def sample_grid(captions: pd.DataFrame, images_dir: Path, out: Path, count: int = 6,
-                per_image: int = 3, seed: int = 0) -> Path:
+def sample_grid(
+    captions: pd.DataFrame,
+    images_dir: Path,
+    out: Path,
+    count: int = 6,
+    per_image: int = 3,
+    seed: int = 0,
+) -> Path:
     """A grid of `count` random images (seeded), each with up to `per_image` of its captions."""
     names = captions["image"].drop_duplicates()
     chosen = names.sample(n=min(count, len(names)), random_state=seed).tolist()
@@ -149,8 +155,9 @@ def word_frequencies(captions: Iterable[str], out: Path, top: int = 50) -> Path:
     return _save(figure, out)
 
 
-def feature_clusters(features: np.ndarray, clusters: int = 5, seed: int = 0,
-                     max_points: int = MAX_FEATURE_POINTS):
+def feature_clusters(
+    features: np.ndarray, clusters: int = 5, seed: int = 0, max_points: int = MAX_FEATURE_POINTS
+):
     """Seeded sample of feature rows -> (rows, 2-D coordinates, cluster labels, explained ratio).
 
     PCA to at most 50 dimensions, k-means there (distances mean more than in 2-D), and the first
@@ -168,12 +175,23 @@ def feature_clusters(features: np.ndarray, clusters: int = 5, seed: int = 0,
     # The images closest to each cluster centre are its examples: order rows by that distance.
     distance = np.linalg.norm(reduced - kmeans.cluster_centers_[kmeans.labels_], axis=1)
     order = np.argsort(distance)
-    return (rows[order], reduced[order, :2], kmeans.labels_[order],
-            pca.explained_variance_ratio_[:2])
+    return (
+        rows[order],
+        reduced[order, :2],
+        kmeans.labels_[order],
+        pca.explained_variance_ratio_[:2],
+    )
 
 
-def feature_space(features: np.ndarray, ids: Sequence[str], images_dir: Path, out: Path,
-                  clusters: int = 5, examples: int = 4, seed: int = 0) -> Path:
+def feature_space(
+    features: np.ndarray,
+    ids: Sequence[str],
+    images_dir: Path,
+    out: Path,
+    clusters: int = 5,
+    examples: int = 4,
+    seed: int = 0,
+) -> Path:
     """2-D scatter of the features coloured by k-means cluster, with example images per cluster."""
     if len(features) < 2:
         raise CaptionerError(f"{out}: need at least 2 feature vectors to draw the feature space")
@@ -186,11 +204,24 @@ def feature_space(features: np.ndarray, ids: Sequence[str], images_dir: Path, ou
     axes = left.subplots()
     for k in range(clusters):
         mine = labels == k
-        axes.scatter(coords[mine, 0], coords[mine, 1], s=8, alpha=0.6, color=colors[k],
-                     label=f"cluster {k + 1} ({mine.sum()} images)")
+        axes.scatter(
+            coords[mine, 0],
+            coords[mine, 1],
+            s=8,
+            alpha=0.6,
+            color=colors[k],
+            label=f"cluster {k + 1} ({mine.sum()} images)",
+        )
         centre = coords[mine].mean(axis=0)
-        axes.annotate(str(k + 1), centre, fontsize=14, weight="bold", ha="center", va="center",
-                      bbox={"boxstyle": "circle", "facecolor": "white", "edgecolor": colors[k]})
+        axes.annotate(
+            str(k + 1),
+            centre,
+            fontsize=14,
+            weight="bold",
+            ha="center",
+            va="center",
+            bbox={"boxstyle": "circle", "facecolor": "white", "edgecolor": colors[k]},
+        )
     axes.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
     axes.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)" if len(ratio) > 1 else "PC2")
     axes.set_title(f"Image features in 2-D (PCA), {clusters} k-means clusters")
@@ -205,8 +236,17 @@ def feature_space(features: np.ndarray, ids: Sequence[str], images_dir: Path, ou
                 _show(axes, images_dir / ids[nearest[column]])
             else:
                 axes.set_axis_off()
-        thumbnails[k][0].text(-0.1, 0.5, str(k + 1), transform=thumbnails[k][0].transAxes,
-                              color=colors[k], fontsize=14, weight="bold", ha="right", va="center")
+        thumbnails[k][0].text(
+            -0.1,
+            0.5,
+            str(k + 1),
+            transform=thumbnails[k][0].transAxes,
+            color=colors[k],
+            fontsize=14,
+            weight="bold",
+            ha="right",
+            va="center",
+        )
     return _save(figure, out)
 
 
@@ -217,8 +257,9 @@ def loss_curves(history_csv: Path, out: Path) -> Path:
     """Training and validation loss per epoch from a run's history.csv (epoch,loss,val_loss)."""
     history = _read_csv(history_csv)
     if "loss" not in history.columns or history.empty:
-        raise CaptionerError(f"{history_csv}: no 'loss' column or no epochs; "
-                             "pass a run made by `captioner train`")
+        raise CaptionerError(
+            f"{history_csv}: no 'loss' column or no epochs; pass a run made by `captioner train`"
+        )
     # train.py numbers epochs from 1; a file without the column gets 1..n
     epochs = history["epoch"] if "epoch" in history.columns else history.index + 1
     figure = Figure(figsize=(7, 4.5), layout="constrained")
@@ -227,8 +268,12 @@ def loss_curves(history_csv: Path, out: Path) -> Path:
     if "val_loss" in history.columns:
         axes.plot(epochs, history["val_loss"], marker="o", label="validation loss")
         best = int(history["val_loss"].idxmin())
-        axes.axvline(epochs[best], color="0.6", linestyle="--", label=f"best validation loss "
-                     f"{history['val_loss'][best]:.3f} (epoch {epochs[best]})")
+        axes.axvline(
+            epochs[best],
+            color="0.6",
+            linestyle="--",
+            label=f"best validation loss {history['val_loss'][best]:.3f} (epoch {epochs[best]})",
+        )
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("cross-entropy per word")
@@ -248,11 +293,16 @@ def prediction_grid(predictions_csv: Path, images_dir: Path, out: Path, count: i
     predictions = _read_csv(predictions_csv)
     missing = {"image", "caption", "references"} - set(predictions.columns)
     if missing:
-        raise CaptionerError(f"{predictions_csv}: missing columns {sorted(missing)}; "
-                             "run `captioner evaluate` again")
-    cells = [(images_dir / row.image, f"model: {_wrap(row.caption)}\n"
-              f"reference: {_wrap(_first_reference(row.references))}")
-             for row in predictions.head(count).itertuples()]
+        raise CaptionerError(
+            f"{predictions_csv}: missing columns {sorted(missing)}; run `captioner evaluate` again"
+        )
+    cells = [
+        (
+            images_dir / row.image,
+            f"model: {_wrap(row.caption)}\nreference: {_wrap(_first_reference(row.references))}",
+        )
+        for row in predictions.head(count).itertuples()
+    ]
     return _save(_image_grid(cells, f"Generated captions ({predictions_csv.parent.name})"), out)
 
 
@@ -272,8 +322,9 @@ def _dataset_jobs(cfg: Config, captions: pd.DataFrame, images_dir: Path) -> dict
     return {
         "samples.png": lambda path: sample_grid(captions, images_dir, path, seed=cfg.seed),
         "word_frequencies.png": lambda path: word_frequencies(captions["caption"], path),
-        "feature_space.png": draw_features if has_cache else
-        f"no finished feature cache in {cfg.features_dir} (run `captioner features` first)",
+        "feature_space.png": draw_features
+        if has_cache
+        else f"no finished feature cache in {cfg.features_dir} (run `captioner features` first)",
     }
 
 
@@ -281,15 +332,17 @@ def _run_jobs(run_dir: Path | None, images_dir: Path) -> dict[str, Job]:
     if run_dir is None:
         return {"loss.png": "no --run given", "predictions.png": "no --run given"}
     if not run_dir.is_dir():
-        raise CaptionerError(f"{run_dir}: run directory not found; pass a folder made by "
-                             "`captioner train`")
+        raise CaptionerError(
+            f"{run_dir}: run directory not found; pass a folder made by `captioner train`"
+        )
     history, predictions = run_dir / "history.csv", run_dir / "predictions.csv"
     return {
-        "loss.png": (lambda path: loss_curves(history, path)) if history.is_file() else
-        f"{history} not found (train the run first)",
+        "loss.png": (lambda path: loss_curves(history, path))
+        if history.is_file()
+        else f"{history} not found (train the run first)",
         "predictions.png": (lambda path: prediction_grid(predictions, images_dir, path))
-        if predictions.is_file() else
-        f"{predictions} not found (run `captioner evaluate --run {run_dir}` first)",
+        if predictions.is_file()
+        else f"{predictions} not found (run `captioner evaluate --run {run_dir}` first)",
     }
 
 

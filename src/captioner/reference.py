@@ -34,8 +34,10 @@ def texts_to_sequences(texts: list[str], word_index: dict[str, int]) -> list[lis
     """Keras 2's Tokenizer.texts_to_sequences: lower-case, filter punctuation, drop unknown
     words."""
     table = str.maketrans(_KERAS_FILTERS, " " * len(_KERAS_FILTERS))
-    return [[word_index[w] for w in text.lower().translate(table).split() if w in word_index]
-            for text in texts]
+    return [
+        [word_index[w] for w in text.lower().translate(table).split() if w in word_index]
+        for text in texts
+    ]
 
 
 def reference_prefix_model(model: keras.Model, max_length: int) -> keras.Model:
@@ -45,10 +47,15 @@ def reference_prefix_model(model: keras.Model, max_length: int) -> keras.Model:
     """
     units = model.get_layer("rnn").units
     if model.get_layer("embedding").output_dim != units or any(
-            layer.name == "feature_norm" for layer in model.layers):
+        layer.name == "feature_norm" for layer in model.layers
+    ):
         raise ValueError("the notebook's model has embed_dim == units and no feature_norm")
-    prefix_model = build_prefix_model(model.get_layer("features").output.shape[-1],
-                                      model.get_layer("logits").units, max_length, units)
+    prefix_model = build_prefix_model(
+        model.get_layer("features").output.shape[-1],
+        model.get_layer("logits").units,
+        max_length,
+        units,
+    )
     copy_merge_weights(model, prefix_model)
     return prefix_model
 
@@ -61,8 +68,9 @@ def word_for_id(integer: int, word_index: dict[str, int]) -> str | None:
     return None
 
 
-def generate_desc(prefix_model: keras.Model, word_index: dict[str, int], photo: np.ndarray,
-                  max_length: int) -> str:
+def generate_desc(
+    prefix_model: keras.Model, word_index: dict[str, int], photo: np.ndarray, max_length: int
+) -> str:
     """The notebook's greedy decoder: "startseq w1 ... endseq" for one photo (1, D)."""
     in_text = START_WORD
     for _ in range(max_length):
@@ -126,8 +134,9 @@ def fit_word_index(captions: list[str]) -> dict[str, int]:
     return {word: i for i, word in enumerate(ranked, start=1)}
 
 
-def build_prefix_model(feature_dim: int, vocab_size: int, max_length: int, units: int = 256,
-                       dropout: float = 0.4) -> keras.Model:
+def build_prefix_model(
+    feature_dim: int, vocab_size: int, max_length: int, units: int = 256, dropout: float = 0.4
+) -> keras.Model:
     """The notebook's merge model, from scratch: ([features (B, D), prefix (B, max_length)]) ->
     next-word probabilities (B, V); Adam and categorical cross-entropy on one-hot targets.
 
@@ -155,8 +164,13 @@ def copy_merge_weights(source: keras.Model, prefix_model: keras.Model) -> None:
         prefix_model.get_layer(name).set_weights(source.get_layer(name).get_weights())
 
 
-def prefix_batches(features: np.ndarray, image_captions: dict[int, list[str]],
-                   word_index: dict[str, int], max_length: int, images_per_batch: int = 32):
+def prefix_batches(
+    features: np.ndarray,
+    image_captions: dict[int, list[str]],
+    word_index: dict[str, int],
+    max_length: int,
+    images_per_batch: int = 32,
+):
     """The notebook's `data_generator`, one pass: ([X1 (S, D), X2 (S, max_length)], y (S, V)).
 
     `image_captions` maps a feature row to its clean captions. Every caption is re-tokenized and

@@ -40,8 +40,13 @@ class Vocabulary:
         return len(self.tokens)
 
     @classmethod
-    def from_captions(cls, captions: Iterable[str], min_count: int = 1, max_length: int = 0,
-                      length_percentile: float = 100.0) -> Vocabulary:
+    def from_captions(
+        cls,
+        captions: Iterable[str],
+        min_count: int = 1,
+        max_length: int = 0,
+        length_percentile: float = 100.0,
+    ) -> Vocabulary:
         """Count words of clean captions; cap lengths at a percentile and/or `max_length`."""
         counter: Counter[str] = Counter()
         lengths = []
@@ -51,16 +56,24 @@ class Vocabulary:
             lengths.append(len(words))
         if not lengths:
             raise CaptionerError("no training captions to build a vocabulary from")
-        kept = [(w, c) for w, c in counter.most_common()
-                if c >= min_count and w not in SPECIAL_TOKENS]
+        kept = [
+            (w, c) for w, c in counter.most_common() if c >= min_count and w not in SPECIAL_TOKENS
+        ]
         longest = int(np.ceil(np.percentile(lengths, length_percentile)))
         if max_length > 0:
             longest = min(longest, max_length)
-        settings = {"min_count": min_count, "max_length": max_length,
-                    "length_percentile": length_percentile, "format": VOCAB_FORMAT}
-        return cls(tokens=SPECIAL_TOKENS + tuple(w for w, _ in kept),
-                   counts=(0,) * len(SPECIAL_TOKENS) + tuple(c for _, c in kept),
-                   max_length=max(1, longest), settings=settings)
+        settings = {
+            "min_count": min_count,
+            "max_length": max_length,
+            "length_percentile": length_percentile,
+            "format": VOCAB_FORMAT,
+        }
+        return cls(
+            tokens=SPECIAL_TOKENS + tuple(w for w, _ in kept),
+            counts=(0,) * len(SPECIAL_TOKENS) + tuple(c for _, c in kept),
+            max_length=max(1, longest),
+            settings=settings,
+        )
 
     def encode(self, caption: str) -> list[int]:
         """Word ids of a clean caption, truncated to max_length, without start/end."""
@@ -80,15 +93,25 @@ class Vocabulary:
         return " ".join(words)
 
     def to_json(self) -> dict:
-        return {"format": VOCAB_FORMAT, "size": self.size, "max_length": self.max_length,
-                "settings": self.settings, "tokens": list(self.tokens), "counts": list(self.counts)}
+        return {
+            "format": VOCAB_FORMAT,
+            "size": self.size,
+            "max_length": self.max_length,
+            "settings": self.settings,
+            "tokens": list(self.tokens),
+            "counts": list(self.counts),
+        }
 
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
         data = read_json(path)
         try:
-            return cls(tokens=tuple(data["tokens"]), counts=tuple(data["counts"]),
-                       max_length=int(data["max_length"]), settings=dict(data["settings"]))
+            return cls(
+                tokens=tuple(data["tokens"]),
+                counts=tuple(data["counts"]),
+                max_length=int(data["max_length"]),
+                settings=dict(data["settings"]),
+            )
         except (KeyError, TypeError) as error:
             raise CaptionerError(f"{path}: not a captioner vocabulary ({error})") from None
 
@@ -111,9 +134,13 @@ def build_vocab(cfg: Config) -> Path:
     if not cfg.captions_csv.is_file():
         raise CaptionerError(f"{cfg.captions_csv}: not found; run `captioner clean` first")
     tok = cfg.tokenizer
-    settings = {"min_count": tok.min_count, "max_length": tok.max_length,
-                "length_percentile": tok.length_percentile, "format": VOCAB_FORMAT,
-                "captions_sha256": _file_sha256(cfg.captions_csv)}
+    settings = {
+        "min_count": tok.min_count,
+        "max_length": tok.max_length,
+        "length_percentile": tok.length_percentile,
+        "format": VOCAB_FORMAT,
+        "captions_sha256": _file_sha256(cfg.captions_csv),
+    }
     if cfg.vocab_json.is_file():
         try:
             if Vocabulary.load(cfg.vocab_json).settings == settings:
@@ -122,16 +149,21 @@ def build_vocab(cfg: Config) -> Path:
         except CaptionerError as error:
             log(f"rebuilding: {error}")
     if tok.min_count < 1 or not 0 < tok.length_percentile <= 100 or tok.max_length < 0:
-        raise CaptionerError("tokenizer settings: need min_count >= 1, 0 < length_percentile "
-                             "<= 100 and max_length >= 0; fix the config or --set values")
+        raise CaptionerError(
+            "tokenizer settings: need min_count >= 1, 0 < length_percentile "
+            "<= 100 and max_length >= 0; fix the config or --set values"
+        )
     captions = read_split(cfg, "train")["caption"]
     if captions.empty:
-        raise CaptionerError(f"{cfg.captions_csv}: no captions in the train split; "
-                             "run `captioner clean` with another --split")
-    vocab = Vocabulary.from_captions(captions, tok.min_count, tok.max_length,
-                                     tok.length_percentile)
+        raise CaptionerError(
+            f"{cfg.captions_csv}: no captions in the train split; "
+            "run `captioner clean` with another --split"
+        )
+    vocab = Vocabulary.from_captions(captions, tok.min_count, tok.max_length, tok.length_percentile)
     vocab = dataclasses.replace(vocab, settings=settings)
     write_json(cfg.vocab_json, vocab.to_json())
-    log(f"vocabulary: {vocab.size} tokens (words seen >= {tok.min_count} times in "
-        f"{len(captions)} training captions), max_length {vocab.max_length}")
+    log(
+        f"vocabulary: {vocab.size} tokens (words seen >= {tok.min_count} times in "
+        f"{len(captions)} training captions), max_length {vocab.max_length}"
+    )
     return cfg.vocab_json

@@ -42,9 +42,20 @@ from captioner.io import (
 from captioner.tokenizer import Vocabulary
 
 # Settings that decide what a run trains; a --resume with other values would mix two runs.
-RESUME_KEYS = ("seed", "data.dataset", "data.split", "features.encoder", "tokenizer", "model",
-               "train.epochs", "train.batch_size", "train.learning_rate", "train.patience",
-               "train.precision", "train.shuffle_buffer")
+RESUME_KEYS = (
+    "seed",
+    "data.dataset",
+    "data.split",
+    "features.encoder",
+    "tokenizer",
+    "model",
+    "train.epochs",
+    "train.batch_size",
+    "train.learning_rate",
+    "train.patience",
+    "train.precision",
+    "train.shuffle_buffer",
+)
 
 
 def train(cfg: Config, resume: bool = False) -> Path:
@@ -72,9 +83,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
     vocab = Vocabulary.load(run_dir / "vocab.json" if chief else paths["vocab"])
     train_data, dev_data, train_rows = _datasets(cfg, vocab, cache)
-    log(f"vocabulary {vocab.size:,}, features {cache.features.shape[1]}-d, "
+    log(
+        f"vocabulary {vocab.size:,}, features {cache.features.shape[1]}-d, "
         f"{strategy.num_replicas_in_sync} replica(s); {state['epoch']}/{cfg.train.epochs} "
-        "epochs done")
+        "epochs done"
+    )
     with strategy.scope():
         if state["checkpoint"]:  # resume: weights, optimizer state and its step count
             merge_model = keras.saving.load_model(run_dir / state["checkpoint"], safe_mode=True)
@@ -82,52 +95,86 @@ def train(cfg: Config, resume: bool = False) -> Path:
             merge_model = _new_model(cfg, cache.features, train_rows, vocab.size)
     checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, write=chief)
     if cfg.train.strategy == "multiworker":
-        distribute.fit_multiworker(strategy, merge_model, train_data, dev_data, cfg.train.epochs,
-                                   state["epoch"], checkpoint)
+        distribute.fit_multiworker(
+            strategy,
+            merge_model,
+            train_data,
+            dev_data,
+            cfg.train.epochs,
+            state["epoch"],
+            checkpoint,
+        )
     else:
         _fit(merge_model, train_data, dev_data, cfg.train.epochs, state["epoch"], checkpoint)
     log(f"{run_dir}: best val_loss {state['best_val_loss']:.4f} at epoch {state['best_epoch']}")
     return run_dir
 
 
-def _fit(merge_model: keras.Model, train_data, dev_data, epochs: int, initial_epoch: int,
-         checkpoint: keras.callbacks.Callback) -> None:
+def _fit(
+    merge_model: keras.Model,
+    train_data,
+    dev_data,
+    epochs: int,
+    initial_epoch: int,
+    checkpoint: keras.callbacks.Callback,
+) -> None:
     """Keras fit with its progress bar on stderr (stdout carries only the result)."""
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         # Bucketed batches have no known count, so Keras finds each epoch's end by running out
         # of data and warns about it; that end is expected here.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        merge_model.fit(train_data, validation_data=dev_data, epochs=epochs,
-                        initial_epoch=initial_epoch, callbacks=[checkpoint], shuffle=False,
-                        verbose=1 if sys.stderr.isatty() else 2)
+        merge_model.fit(
+            train_data,
+            validation_data=dev_data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=[checkpoint],
+            shuffle=False,
+            verbose=1 if sys.stderr.isatty() else 2,
+        )
 
 
 def _datasets(cfg: Config, vocab: Vocabulary, cache: Any) -> tuple[Any, Any, np.ndarray]:
     """Training and dev tf.data pipelines, and the training captions' feature rows."""
-    train_rows, train_captions = data.encode_split(data.read_split(cfg, "train"), vocab,
-                                                   cache.row, "train")
+    train_rows, train_captions = data.encode_split(
+        data.read_split(cfg, "train"), vocab, cache.row, "train"
+    )
     dev_rows, dev_captions = data.encode_split(data.read_split(cfg, "dev"), vocab, cache.row, "dev")
     if not dev_captions:
-        raise CaptionerError(f"{cfg.captions_csv}: no dev captions with features; validation "
-                             "and early stopping need a dev split (see --split)")
+        raise CaptionerError(
+            f"{cfg.captions_csv}: no dev captions with features; validation "
+            "and early stopping need a dev split (see --split)"
+        )
     batch = cfg.train.batch_size  # the global batch: split across replicas by tf.distribute
-    train_data = data.make_dataset(cache.features, train_rows, train_captions, batch, shuffle=True,
-                                   seed=cfg.seed, shuffle_buffer=cfg.train.shuffle_buffer)
-    dev_data = data.make_dataset(cache.features, dev_rows, dev_captions, batch, shuffle=False,
-                                 seed=cfg.seed)
-    log(f"training on {len(train_captions):,} captions of {len(np.unique(train_rows)):,} "
-        f"images, validating on {len(dev_captions):,}")
+    train_data = data.make_dataset(
+        cache.features,
+        train_rows,
+        train_captions,
+        batch,
+        shuffle=True,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.train.shuffle_buffer,
+    )
+    dev_data = data.make_dataset(
+        cache.features, dev_rows, dev_captions, batch, shuffle=False, seed=cfg.seed
+    )
+    log(
+        f"training on {len(train_captions):,} captions of {len(np.unique(train_rows)):,} "
+        f"images, validating on {len(dev_captions):,}"
+    )
     return train_data, dev_data, train_rows
 
 
-def _new_model(cfg: Config, features: np.ndarray, train_rows: np.ndarray,
-               vocab_size: int) -> keras.Model:
+def _new_model(
+    cfg: Config, features: np.ndarray, train_rows: np.ndarray, vocab_size: int
+) -> keras.Model:
     """A compiled merge model; feature statistics only when the model normalises features."""
     mean = variance = None
     if cfg.model.normalize_features:
         mean, variance = data.feature_stats(features, train_rows)
-    merge_model = model.build_model(features.shape[1], vocab_size, cfg.model, mean, variance,
-                                    precision=cfg.train.precision)
+    merge_model = model.build_model(
+        features.shape[1], vocab_size, cfg.model, mean, variance, precision=cfg.train.precision
+    )
     model.compile_model(merge_model, cfg.train.learning_rate)
     return merge_model
 
@@ -141,11 +188,16 @@ def _run_dir(cfg: Config, resume: bool) -> Path:
         return runs_dir / cfg.train.name
     if not resume:
         return runs_dir / (prefix + time.strftime("%Y%m%d-%H%M%S"))
-    unfinished = [path for path in sorted(runs_dir.glob(prefix + "*"))
-                  if path.is_dir() and not _finished(path)]
+    unfinished = [
+        path
+        for path in sorted(runs_dir.glob(prefix + "*"))
+        if path.is_dir() and not _finished(path)
+    ]
     if not unfinished:
-        raise CaptionerError(f"{runs_dir}: no unfinished run '{prefix}*' to resume; "
-                             "pass --name NAME, or drop --resume to start a new run")
+        raise CaptionerError(
+            f"{runs_dir}: no unfinished run '{prefix}*' to resume; "
+            "pass --name NAME, or drop --resume to start a new run"
+        )
     return unfinished[-1]
 
 
@@ -155,17 +207,27 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _initial_state(cfg: Config) -> dict[str, Any]:
-    return {"epoch": 0, "epochs": cfg.train.epochs, "finished": False, "best_val_loss": None,
-            "best_epoch": 0, "wait": 0, "checkpoint": None, "best_checkpoint": None,
-            "history": []}
+    return {
+        "epoch": 0,
+        "epochs": cfg.train.epochs,
+        "finished": False,
+        "best_val_loss": None,
+        "best_epoch": 0,
+        "wait": 0,
+        "checkpoint": None,
+        "best_checkpoint": None,
+        "history": [],
+    }
 
 
 def _check_can_start(run_dir: Path, resume: bool) -> None:
     if resume and not run_dir.is_dir():
         raise CaptionerError(f"{run_dir}: no such run to resume; drop --resume to start it")
     if not resume and run_dir.exists():
-        raise CaptionerError(f"{run_dir}: a run of this name exists; add --resume to continue "
-                             "it, or choose another --name")
+        raise CaptionerError(
+            f"{run_dir}: a run of this name exists; add --resume to continue "
+            "it, or choose another --name"
+        )
 
 
 def _open_run(run_dir: Path, cfg: Config, resume: bool, paths: dict[str, Path]) -> dict:
@@ -201,15 +263,21 @@ def _check_resumable(run_dir: Path, cfg: Config, paths: dict[str, Path]) -> None
     saved, now = _flatten(read_json(run_dir / "config.json")), _flatten(cfg.to_dict())
     for key in sorted(now):
         if key.startswith(RESUME_KEYS) and saved.get(key) != now[key]:
-            raise CaptionerError(f"{run_dir / 'config.json'}: the run has {key}={saved.get(key)!r}"
-                                 f", this command {now[key]!r}; resume with the run's settings "
-                                 "or start a new run with another --name")
-    inputs = {"vocab.json": paths["vocab"], "features_meta.json": Path(paths["features"]) /
-              "meta.json"}
+            raise CaptionerError(
+                f"{run_dir / 'config.json'}: the run has {key}={saved.get(key)!r}"
+                f", this command {now[key]!r}; resume with the run's settings "
+                "or start a new run with another --name"
+            )
+    inputs = {
+        "vocab.json": paths["vocab"],
+        "features_meta.json": Path(paths["features"]) / "meta.json",
+    }
     for name, current in inputs.items():
         if read_json(run_dir / name) != read_json(current):
-            raise CaptionerError(f"{current}: changed since run {run_dir} started (its copy is "
-                                 f"{run_dir / name}); start a new run with another --name")
+            raise CaptionerError(
+                f"{current}: changed since run {run_dir} started (its copy is "
+                f"{run_dir / name}); start a new run with another --name"
+            )
 
 
 class RunCheckpoint(keras.callbacks.Callback):
@@ -229,8 +297,12 @@ class RunCheckpoint(keras.callbacks.Callback):
             _save_atomic(self.model, self.run_dir / state["checkpoint"])
         improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
         if improved:
-            state.update(best_val_loss=val_loss, best_epoch=epoch + 1, wait=0,
-                         best_checkpoint=state["checkpoint"])
+            state.update(
+                best_val_loss=val_loss,
+                best_epoch=epoch + 1,
+                wait=0,
+                best_checkpoint=state["checkpoint"],
+            )
         else:
             state["wait"] += 1
         stop = self.patience > 0 and state["wait"] >= self.patience
@@ -252,8 +324,9 @@ def _save_atomic(merge_model: keras.Model, path: Path) -> None:
 def _publish(run_dir: Path, state: dict, copy_best: bool) -> None:
     """Commit state.json, then derive history.csv, model.keras and prune old checkpoints."""
     write_json(run_dir / "state.json", state)
-    lines = ["epoch,loss,val_loss"] + [f"{row['epoch']},{row['loss']!r},{row['val_loss']!r}"
-                                       for row in state["history"]]
+    lines = ["epoch,loss,val_loss"] + [
+        f"{row['epoch']},{row['loss']!r},{row['val_loss']!r}" for row in state["history"]
+    ]
     atomic_write_bytes(run_dir / "history.csv", ("\n".join(lines) + "\n").encode())
     if copy_best and state["best_checkpoint"]:
         partial = run_dir / "model.partial.keras"

@@ -18,14 +18,23 @@ import pytest
 from captioner import app
 
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.is_file(),
-                       reason=f"{CHROMIUM} not found: apt-get install -y chromium"),
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(), reason=f"{CHROMIUM} not found: apt-get install -y chromium"
+    ),
 ]
 
 
@@ -54,8 +63,12 @@ def server(runs, tmp_path):
     """The page served exactly as `captioner app` serves it, on a free local port."""
     port = free_port()
     log = (tmp_path / "streamlit.log").open("wb")
-    process = subprocess.Popen(app.streamlit_command("127.0.0.1", port),
-                               env=app.app_environment(runs), stdout=log, stderr=log)
+    process = subprocess.Popen(
+        app.streamlit_command("127.0.0.1", port),
+        env=app.app_environment(runs),
+        stdout=log,
+        stderr=log,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, process)
