@@ -131,7 +131,8 @@ class MergeModel(keras.Model):
     def train_step(self, data):
         import tensorflow as tf
 
-        inputs, targets = data  # ({"features": (B, D), "tokens": (B, T)}, (B, T))
+        # ({"features": (B, D), "tokens": (B, T)}, targets (B, T)); sample weights are not used
+        inputs, targets, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             loss, count = self._loss(inputs, targets, training=True)
             # Under tf.distribute each replica's gradient is summed: average them.
@@ -141,7 +142,7 @@ class MergeModel(keras.Model):
         return self._track_loss(loss, count)
 
     def test_step(self, data):
-        inputs, targets = data
+        inputs, targets, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self._track_loss(*self._loss(inputs, targets, training=False))
 
 
