@@ -41,8 +41,11 @@ from bench_common import machine, matmul_peak_gflops, peak_rss_mb, report
 from captioner.io import log
 
 ROOT = Path(__file__).resolve().parents[1]
-FLICKR8K = Path(os.environ.get("CAPTIONER_FIXTURES", ROOT.parent / "shared" / "fixtures"),
-                "flickr8k", "Flickr8k_text")
+FLICKR8K = Path(
+    os.environ.get("CAPTIONER_FIXTURES", ROOT.parent / "shared" / "fixtures"),
+    "flickr8k",
+    "Flickr8k_text",
+)
 FEATURE_DIM = 4096
 IMAGES_PER_BATCH = 32  # the reference's batch: all samples of 32 images
 FLICKR30K_IMAGES = 31_783
@@ -50,8 +53,11 @@ FLICKR30K_VOCAB = 7_000  # assumed size of a min_count=5 Flickr30k vocabulary (n
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.py train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench.py train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line on stdout")
     parser.add_argument("--quick", action="store_true", help="a tenth of the data (smoke test)")
     parser.add_argument("--images", type=int, help="training images (default 6000)")
@@ -67,32 +73,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def load_captions(split_file: str) -> dict[str, list[str]]:
-    """{image: its clean captions} for the images of one official split, in file order."""
-    from captioner.text import normalize
-
-    names = (FLICKR8K / split_file).read_text(encoding="utf-8").split()
-    wanted = {name: [] for name in names}
-    for line in (FLICKR8K / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines():
-        key, caption = line.split("\t", 1)
-        image = key.rsplit("#", 1)[0]
-        if image in wanted:
-            wanted[image].append(normalize(caption))
-    return wanted
-
-
-def all_captions() -> list[str]:
+def read_captions() -> list[tuple[str, str]]:
+    """(image, clean caption) for every line of Flickr8k.token.txt."""
     from captioner.text import normalize
 
     lines = (FLICKR8K / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines()
-    return [normalize(line.split("\t", 1)[1]) for line in lines]
+    pairs = (line.split("\t", 1) for line in lines)
+    return [(key.rsplit("#", 1)[0], normalize(caption)) for key, caption in pairs]
+
+
+def split_captions(pairs: list[tuple[str, str]], split_file: str, count: int) -> list[list[str]]:
+    """The captions of the first `count` images of an official split, image by image."""
+    names = (FLICKR8K / split_file).read_text(encoding="utf-8").split()[:count]
+    by_image: dict[str, list[str]] = {name: [] for name in names}
+    for image, caption in pairs:
+        if image in by_image:
+            by_image[image].append(caption)
+    return list(by_image.values())
 
 
 def random_features(path: Path, count: int, seed: int) -> np.ndarray:
     """(count, 4096) float32 random features written to a .npy in chunks, opened memory-mapped."""
     rng = np.random.default_rng(seed)
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                      shape=(count, FEATURE_DIM))
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(count, FEATURE_DIM))
     for start in range(0, count, 2048):
         stop = min(start + 2048, count)
         array[start:stop] = rng.random((stop - start, FEATURE_DIM), dtype=np.float32)
@@ -101,10 +104,10 @@ def random_features(path: Path, count: int, seed: int) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def train_epoch(features, rows, captions, vocab_size: int, batch_size: int, precision: str,
-                seed: int, dev: tuple | None = None) -> tuple[float, float | None, object]:
-    """Seconds of one epoch of our model and data pipeline (traced beforehand, not timed), the
-    dev loss after it, and the model."""
+def train_epoch(features, rows, captions, vocab, batch_size, precision, seed, dev=None) -> tuple:
+    """(seconds, dev loss, model) of one epoch of our model and data pipeline, traced beforehand.
+
+    rows (N,) and captions (N lists of ids) for the features; dev = (rows, captions) or None."""
     import keras
 
     from captioner.config import ModelConfig, TrainConfig
@@ -112,12 +115,15 @@ def train_epoch(features, rows, captions, vocab_size: int, batch_size: int, prec
     from captioner.model import build_model, compile_model
 
     keras.utils.set_random_seed(seed)
-    model = build_model(FEATURE_DIM, vocab_size, ModelConfig(), precision=precision)
+    model = build_model(FEATURE_DIM, vocab, ModelConfig(), precision=precision)
     compile_model(model, TrainConfig().learning_rate)
     # Trace on a few batches of varied shapes (incl. a partial one) so the epoch never retraces.
     warm = 2 * batch_size + 7
-    model.fit(make_dataset(features, rows[:warm], captions[:warm], batch_size, True, seed),
-              shuffle=False, verbose=0)
+    model.fit(
+        make_dataset(features, rows[:warm], captions[:warm], batch_size, True, seed),
+        shuffle=False,
+        verbose=0,
+    )
     dataset = make_dataset(features, rows, captions, batch_size, shuffle=True, seed=seed)
     start = time.perf_counter()
     model.fit(dataset, shuffle=False, verbose=0)
@@ -129,19 +135,26 @@ def train_epoch(features, rows, captions, vocab_size: int, batch_size: int, prec
     return seconds, val_loss, model
 
 
-def reference_epoch(features, image_captions: dict[int, list[str]], word_index: dict[str, int],
-                    max_length: int, batches: int) -> float:
+def reference_epoch(
+    features,
+    image_captions: dict[int, list[str]],
+    word_index: dict[str, int],
+    max_length: int,
+    batches: int,
+) -> float:
     """Seconds per epoch of the reference approach: `batches` generator batches timed, scaled."""
     from captioner.reference import build_prefix_model, prefix_batches
 
     prefix_model = build_prefix_model(FEATURE_DIM, len(word_index) + 1, max_length)
     for inputs, targets in itertools.islice(  # trace: the sample count varies between batches
-            prefix_batches(features, image_captions, word_index, max_length), 2):
+        prefix_batches(features, image_captions, word_index, max_length), 2
+    ):
         prefix_model.train_on_batch(inputs, targets)
     start = time.perf_counter()
     timed = 0
     for inputs, targets in itertools.islice(  # generator time counts: the notebook paid it too
-            prefix_batches(features, image_captions, word_index, max_length), batches):
+        prefix_batches(features, image_captions, word_index, max_length), batches
+    ):
         prefix_model.train_on_batch(inputs, targets)
         timed += 1
     seconds_per_batch = (time.perf_counter() - start) / timed
@@ -155,8 +168,11 @@ def epoch_flops(captions, vocab_size: int) -> float:
     cfg = ModelConfig()
     gates = 4 if cfg.cell == "lstm" else 3
     positions = sum(len(caption) + 1 for caption in captions)  # words + <end>
-    per_position = (2 * (cfg.embed_dim + cfg.units) * gates * cfg.units  # RNN
-                    + 2 * cfg.units * cfg.units + 2 * cfg.units * vocab_size)  # decoder, logits
+    per_position = (
+        2 * (cfg.embed_dim + cfg.units) * gates * cfg.units  # RNN
+        + 2 * cfg.units * cfg.units
+        + 2 * cfg.units * vocab_size
+    )  # decoder, logits
     per_caption = 2 * FEATURE_DIM * cfg.units  # image branch
     return 3.0 * (positions * per_position + len(captions) * per_caption)
 
@@ -196,9 +212,11 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
         labels = targets[targets != 0]
         hidden = tf.cast(tf.random.normal((int(labels.shape[0]), rnn.units)), output.compute_dtype)
         embedded = tf.random.normal((*targets.shape, embed))
-        for name, fn, args in (("step", step, (inputs, targets)),
-                               ("projection", projection, (hidden, labels)),
-                               ("rnn", recurrent, (embedded, inputs["tokens"] != 0))):
+        for name, fn, args in (
+            ("step", step, (inputs, targets)),
+            ("projection", projection, (hidden, labels)),
+            ("rnn", recurrent, (embedded, inputs["tokens"] != 0)),
+        ):
             start = time.perf_counter()
             [np.asarray(tensor) for tensor in fn(*args)]
             if index >= 2:  # the first two trace
@@ -217,8 +235,9 @@ def rss_child(directory: Path, seed: int) -> None:
     captions = [rng.integers(4, FLICKR30K_VOCAB, int(n)).tolist() for n in lengths]
     rows = np.repeat(np.arange(features.shape[0]), 5)[: len(captions)]
     train = TrainConfig()
-    seconds, _, _ = train_epoch(features, rows, captions, FLICKR30K_VOCAB, train.batch_size,
-                                train.precision, seed)
+    seconds, _, _ = train_epoch(
+        features, rows, captions, FLICKR30K_VOCAB, train.batch_size, train.precision, seed
+    )
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": seconds}))
 
 
@@ -228,8 +247,11 @@ def rss_30k(images: int, lengths: np.ndarray, seed: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         random_features(Path(tmp) / "features.npy", images, seed)
         np.save(Path(tmp) / "lengths.npy", rng.choice(lengths, size=5 * images))
-        result = subprocess.run([sys.executable, __file__, "--rss-child", tmp,
-                                 "--seed", str(seed)], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, __file__, "--rss-child", tmp, "--seed", str(seed)],
+            capture_output=True,
+            text=True,
+        )
     if result.returncode != 0:
         raise RuntimeError(f"RSS subprocess failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -241,9 +263,10 @@ def flickr8k_set(images: int) -> SimpleNamespace:
     from captioner.reference import fit_word_index
     from captioner.tokenizer import Vocabulary
 
-    train = list(load_captions("Flickr_8k.trainImages.txt").values())[:images]
-    dev = list(load_captions("Flickr_8k.devImages.txt").values())[: max(1, images // 6)]
-    every = all_captions()
+    pairs = read_captions()
+    train = split_captions(pairs, "Flickr_8k.trainImages.txt", images)
+    dev = split_captions(pairs, "Flickr_8k.devImages.txt", max(1, images // 6))
+    every = [caption for _, caption in pairs]
     data = SimpleNamespace(
         by_image={row: captions for row, captions in enumerate(train)},
         train=[c for captions in train for c in captions],
@@ -252,7 +275,8 @@ def flickr8k_set(images: int) -> SimpleNamespace:
         dev_rows=len(train) + np.repeat(np.arange(len(dev)), [len(c) for c in dev]),
         word_index=fit_word_index(every),  # every word of the caption file, no min count
         max_length=max(len(c.split()) for c in every) + 2,  # with startseq/endseq
-        full=Vocabulary.from_captions(every, min_count=1))  # (a): the reference's words
+        full=Vocabulary.from_captions(every, min_count=1),  # (a): the reference's words
+    )
     data.ours = Vocabulary.from_captions(data.train, min_count=TokenizerConfig().min_count)
     return data
 
@@ -263,13 +287,16 @@ def same_function(features, data: SimpleNamespace, quick: bool, seed: int) -> di
 
     captions = [data.full.encode(c) for c in data.train]
     batch = 5 * IMAGES_PER_BATCH
-    seconds, _, model = train_epoch(features, data.train_rows, captions, data.full.size, batch,
-                                    "float32", seed)
+    seconds, _, model = train_epoch(
+        features, data.train_rows, captions, data.full.size, batch, "float32", seed
+    )
     log(f"(a) same function: {seconds:.1f} s per epoch; timing its parts")
     dataset = make_dataset(features, data.train_rows, captions, batch, True, seed)
     parts = breakdown(model, dataset, batches=4 if quick else 20, epoch_seconds=seconds)
-    return {"ours_same_function_s": seconds,
-            **{f"breakdown_{name}_s": value for name, value in parts.items()}}
+    return {
+        "ours_same_function_s": seconds,
+        **{f"breakdown_{name}_s": value for name, value in parts.items()},
+    }
 
 
 def defaults(features, data: SimpleNamespace, seed: int) -> dict[str, float]:
@@ -282,8 +309,16 @@ def defaults(features, data: SimpleNamespace, seed: int) -> dict[str, float]:
     dev = (data.dev_rows, [data.ours.encode(c) for c in data.dev])
     result = {}
     for precision, run_seed in (("float32", seed), ("bfloat16", seed), ("float32", seed + 1)):
-        seconds, val_loss, _ = train_epoch(features, data.train_rows, captions, data.ours.size,
-                                           train.batch_size, precision, run_seed, dev)
+        seconds, val_loss, _ = train_epoch(
+            features,
+            data.train_rows,
+            captions,
+            data.ours.size,
+            train.batch_size,
+            precision,
+            run_seed,
+            dev,
+        )
         name = precision + ("_seed2" if run_seed != seed else "")
         log(f"(b) defaults, {name}: {seconds:.1f} s per epoch, dev loss {val_loss:.4f}")
         result.update({f"ours_{name}_s": seconds, f"val_loss_{name}": val_loss})
@@ -305,23 +340,32 @@ def main(argv: list[str]) -> dict:
     train = TrainConfig()
     size = 2048 if args.quick else 4096  # of the matmul that measures the peak
     peaks = {dtype: matmul_peak_gflops(size, dtype) for dtype in ("float32", "bfloat16")}
-    result: dict = {"images": len(data.by_image), "captions": len(data.train),
-                    "vocab_reference": len(data.word_index) + 1, "vocab_default": data.ours.size,
-                    "max_length": data.max_length, "batch_default": train.batch_size,
-                    "precision_default": train.precision}
+    result: dict = {
+        "images": len(data.by_image),
+        "captions": len(data.train),
+        "vocab_reference": len(data.word_index) + 1,
+        "vocab_default": data.ours.size,
+        "max_length": data.max_length,
+        "batch_default": train.batch_size,
+        "precision_default": train.precision,
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        features = random_features(Path(tmp) / "features.npy",
-                                   len(data.by_image) + len(set(data.dev_rows)), args.seed)
-        result["reference_s"] = reference_epoch(features, data.by_image, data.word_index,
-                                                data.max_length, args.reference_batches)
+        features = random_features(
+            Path(tmp) / "features.npy", len(data.by_image) + len(set(data.dev_rows)), args.seed
+        )
+        result["reference_s"] = reference_epoch(
+            features, data.by_image, data.word_index, data.max_length, args.reference_batches
+        )
         log(f"reference: {result['reference_s']:.1f} s per epoch")
         result.update(same_function(features, data, args.quick, args.seed))
         result.update(defaults(features, data, args.seed))
     result["ratio_same_function"] = result["reference_s"] / result["ours_same_function_s"]
     result["ratio_default"] = result["reference_s"] / result["ours_s"]
 
-    peaks = {dtype: max(before, matmul_peak_gflops(size, dtype))  # the best of two: a busy
-             for dtype, before in peaks.items()}  # machine lowers both the peak and our speed
+    peaks = {
+        dtype: max(before, matmul_peak_gflops(size, dtype))  # the best of two: a busy
+        for dtype, before in peaks.items()
+    }  # machine lowers both the peak and our speed
     result["peak_gflops_float32"], result["peak_gflops_bfloat16"] = peaks.values()
     full = [data.full.encode(c) for c in data.train]
     ours = [data.ours.encode(c) for c in data.train]
@@ -330,8 +374,13 @@ def main(argv: list[str]) -> dict:
 
     log(f"one epoch on {args.rss_images:,} images x 5 captions in a subprocess, for its RSS")
     rss = rss_30k(args.rss_images, np.array([len(c) for c in ours]), args.seed)
-    result.update(peak_rss_mb_30k=rss["peak_rss_mb"], rss_images=args.rss_images,
-                  rss_epoch_s=rss["seconds"], peak_rss_mb_bench=peak_rss_mb(), **machine())
+    result.update(
+        peak_rss_mb_30k=rss["peak_rss_mb"],
+        rss_images=args.rss_images,
+        rss_epoch_s=rss["seconds"],
+        peak_rss_mb_bench=peak_rss_mb(),
+        **machine(),
+    )
     return report(result, args.json)
 
 

@@ -16,13 +16,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 def test_quick_training_benchmark_runs_end_to_end(capsys):
     import bench_train
 
-    result = bench_train.main(["--quick", "--json", "--images", "8", "--reference-batches", "1",
-                               "--rss-images", "8"])
+    result = bench_train.main(
+        ["--quick", "--json", "--images", "8", "--reference-batches", "1", "--rss-images", "8"]
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert result["images"] == 8 and result["captions"] == 40
     assert result["vocab_reference"] > 8000 > result["vocab_default"]  # full vs min_count words
-    for key in ("reference_s", "ours_s", "ours_same_function_s", "floor_s", "peak_rss_mb_30k",
-                "breakdown_projection_s", "breakdown_rnn_s", "val_loss_bfloat16"):
+    for key in (
+        "reference_s",
+        "ours_s",
+        "ours_same_function_s",
+        "floor_s",
+        "peak_rss_mb_30k",
+        "breakdown_projection_s",
+        "breakdown_rnn_s",
+        "val_loss_bfloat16",
+    ):
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["ratio_default"] == pytest.approx(result["reference_s"] / result["ours_s"])
     assert result["rss_images"] == 8 and result["peak_rss_mb_30k"] < result["peak_rss_mb_bench"]

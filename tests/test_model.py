@@ -45,8 +45,13 @@ def batch(encoded: list[list[int]], rows: list[int], extra_padding: int = 0, see
     return {"features": features, "tokens": tokens}, targets
 
 
-def trained(vocab_size: int, encoded, cfg: ModelConfig = REFERENCE_SIZES, precision="float32",
-            steps: int = 3) -> keras.Model:
+def trained(
+    vocab_size: int,
+    encoded,
+    cfg: ModelConfig = REFERENCE_SIZES,
+    precision="float32",
+    steps: int = 3,
+) -> keras.Model:
     """A model fitted for a few steps, so its outputs are far from the uniform initial ones."""
     keras.utils.set_random_seed(1)
     model = merge.build_model(FEATURE_DIM, vocab_size, cfg, precision=precision)
@@ -113,8 +118,9 @@ def test_fused_output_loss_has_the_gradients_of_dense_plus_crossentropy(captions
         plain = model.loss(targets, model(inputs, training=True))
     assert int(count) == int((targets != 0).sum())
     assert float(fused) == pytest.approx(float(plain), rel=1e-5)
-    for weight, a, b in zip(weights, tape.gradient(fused, weights), tape.gradient(plain, weights),
-                            strict=True):
+    for weight, a, b in zip(
+        weights, tape.gradient(fused, weights), tape.gradient(plain, weights), strict=True
+    ):
         a, b = tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy()
         np.testing.assert_allclose(a, b, atol=1e-6 + 1e-4 * np.abs(b).max(), err_msg=weight.path)
 
@@ -122,9 +128,11 @@ def test_fused_output_loss_has_the_gradients_of_dense_plus_crossentropy(captions
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_step_by_step_decoding_equals_the_full_sequence_logits(captions, small_model, cell):
     vocab, encoded = captions
-    model = small_model if cell == "lstm" else trained(vocab.size, encoded,
-                                                       ModelConfig(units=32, embed_dim=16,
-                                                                   cell=cell))
+    model = (
+        small_model
+        if cell == "lstm"
+        else trained(vocab.size, encoded, ModelConfig(units=32, embed_dim=16, cell=cell))
+    )
     inputs, targets = batch(encoded, [7, 8, 9])
     full = keras.ops.convert_to_numpy(model(inputs))  # (B, T, V)
     image = merge.image_vector(model, inputs["features"])
@@ -132,8 +140,9 @@ def test_step_by_step_decoding_equals_the_full_sequence_logits(captions, small_m
     for t in range(inputs["tokens"].shape[1]):
         logits, state = merge.step(model, image, inputs["tokens"][:, t], state)
         real = targets[:, t] != 0  # past a caption's end, decoding would have stopped
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(logits)[real], full[real, t],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(logits)[real], full[real, t], atol=1e-5
+        )
 
 
 def test_save_and_load_in_safe_mode_round_trips_and_resumes(captions, small_model, tmp_path):
@@ -142,12 +151,14 @@ def test_save_and_load_in_safe_mode_round_trips_and_resumes(captions, small_mode
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
     assert isinstance(loaded, merge.MergeModel)
     inputs, targets = batch(encoded, [1, 2, 3, 4])
-    np.testing.assert_array_equal(loaded.predict(inputs, verbose=0),
-                                  small_model.predict(inputs, verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict(inputs, verbose=0), small_model.predict(inputs, verbose=0)
+    )
     # Adam's state comes back too, so a resumed run continues where it stopped
     assert int(loaded.optimizer.iterations) == int(small_model.optimizer.iterations) > 0
-    for saved, restored in zip(small_model.optimizer.variables, loaded.optimizer.variables,
-                               strict=True):
+    for saved, restored in zip(
+        small_model.optimizer.variables, loaded.optimizer.variables, strict=True
+    ):
         np.testing.assert_array_equal(restored.numpy(), saved.numpy())
     before = loaded.evaluate(inputs, targets, verbose=0)
     loaded.fit(inputs, targets, batch_size=4, epochs=3, verbose=0)
@@ -175,8 +186,12 @@ def test_bfloat16_builds_with_float32_logits_and_trains(captions):
     exact.set_weights(model.get_weights())
     difference = np.abs(keras.ops.convert_to_numpy(model(inputs) - exact(inputs)))
     assert difference.max() < 0.05 * np.abs(keras.ops.convert_to_numpy(exact(inputs))).max()
-    logits, _ = merge.step(model, merge.image_vector(model, inputs["features"]),
-                           inputs["tokens"][:, 0], merge.initial_state(model, 32))
+    logits, _ = merge.step(
+        model,
+        merge.image_vector(model, inputs["features"]),
+        inputs["tokens"][:, 0],
+        merge.initial_state(model, 32),
+    )
     assert logits.dtype == "float32"
 
 

@@ -86,14 +86,19 @@ def output_cross_entropy(hidden, kernel, bias, labels):
 
         def gradient(upstream):
             scale = upstream / count
-            delta = tf.tensor_scatter_nd_sub(probabilities, at_labels,  # softmax - one_hot
-                                             tf.ones_like(picked))  # (N, V)
+            delta = tf.tensor_scatter_nd_sub(
+                probabilities,
+                at_labels,  # softmax - one_hot
+                tf.ones_like(picked),
+            )  # (N, V)
             delta_compute = tf.cast(delta, hidden.dtype)
             d_hidden = tf.matmul(delta_compute, weights, transpose_b=True)  # (N, U)
             d_kernel = tf.matmul(hidden, delta_compute, transpose_a=True)  # (U, V)
-            return (d_hidden * tf.cast(scale, hidden.dtype),
-                    tf.cast(d_kernel, kernel.dtype) * scale,
-                    tf.reduce_sum(delta, axis=0) * scale)
+            return (
+                d_hidden * tf.cast(scale, hidden.dtype),
+                tf.cast(d_kernel, kernel.dtype) * scale,
+                tf.reduce_sum(delta, axis=0) * scale,
+            )
 
         return loss, gradient
 
@@ -146,10 +151,14 @@ class MergeModel(keras.Model):
         return self._track_loss(*self._loss(inputs, targets, training=False))
 
 
-def build_model(feature_dim: int, vocab_size: int, cfg: ModelConfig,
-                feature_mean: np.ndarray | None = None,
-                feature_variance: np.ndarray | None = None,
-                precision: str = "float32") -> keras.Model:
+def build_model(
+    feature_dim: int,
+    vocab_size: int,
+    cfg: ModelConfig,
+    feature_mean: np.ndarray | None = None,
+    feature_variance: np.ndarray | None = None,
+    precision: str = "float32",
+) -> keras.Model:
     """The training model: {"features": (B, D), "tokens": (B, T)} -> logits (B, T, V).
 
     precision "bfloat16" computes in bfloat16 with float32 weights (Keras mixed precision,
@@ -158,8 +167,9 @@ def build_model(feature_dim: int, vocab_size: int, cfg: ModelConfig,
     if cfg.cell not in RNN_LAYERS:
         raise CaptionerError(f"model.cell must be one of {sorted(RNN_LAYERS)}, got '{cfg.cell}'")
     if precision not in PRECISIONS:
-        raise CaptionerError(f"train.precision must be one of {sorted(PRECISIONS)}, "
-                             f"got '{precision}'")
+        raise CaptionerError(
+            f"train.precision must be one of {sorted(PRECISIONS)}, got '{precision}'"
+        )
     policy = PRECISIONS[precision]
     features = keras.Input((feature_dim,), name="features")
     tokens = keras.Input((None,), dtype="int32", name="tokens")
@@ -168,14 +178,17 @@ def build_model(feature_dim: int, vocab_size: int, cfg: ModelConfig,
     if cfg.normalize_features:
         if feature_mean is None or feature_variance is None:
             raise CaptionerError("model.normalize_features needs the training features' statistics")
-        x = layers.Normalization(mean=feature_mean, variance=feature_variance,
-                                 name="feature_norm")(x)
+        x = layers.Normalization(mean=feature_mean, variance=feature_variance, name="feature_norm")(
+            x
+        )
     x = layers.Dropout(cfg.dropout, name="image_dropout")(x)
-    image = layers.Dense(cfg.units, activation="relu", name="image_dense",
-                         dtype=policy)(x)  # (B, U)
+    image = layers.Dense(cfg.units, activation="relu", name="image_dense", dtype=policy)(
+        x
+    )  # (B, U)
 
-    embedded = layers.Embedding(vocab_size, cfg.embed_dim, mask_zero=True,
-                                name="embedding")(tokens)  # (B, T, E)
+    embedded = layers.Embedding(vocab_size, cfg.embed_dim, mask_zero=True, name="embedding")(
+        tokens
+    )  # (B, T, E)
     embedded = layers.Dropout(cfg.dropout, name="text_dropout")(embedded)
     sequence = RNN_LAYERS[cfg.cell](cfg.units, return_sequences=True, name="rnn")(embedded)
 
