@@ -208,22 +208,7 @@ def captioner_cli(*args: str, env: dict | None = None, code: str = "") -> subpro
 def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_fixtures):
     cfg = mini_config(tmp_path, **{"features.encoder": "handmade"})
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=7)
-    args = [
-        "train",
-        "--dataset",
-        "mini",
-        "--data-dir",
-        cfg.data.data_dir,
-        "--set",
-        f"train.runs_dir={cfg.train.runs_dir}",
-        "--encoder",
-        "handmade",
-        "--name",
-        "k",
-        "--epochs",
-        "4",
-        *CLI_TINY,
-    ]
+    args = run_args(cfg, "k", epochs=4)
     run_dir = Path(cfg.train.runs_dir) / "k"
     process = captioner_cli(*args)
     deadline = time.monotonic() + 120
@@ -263,8 +248,9 @@ def last_losses(stderr: str) -> tuple[float, float]:
     return float(found[-1][0]), float(found[-1][1])
 
 
-def same_run_args(cfg, name: str) -> list[str]:
-    """CLI arguments that repeat the `trained` fixture's run (1 epoch) under another name."""
+def run_args(cfg, name: str, epochs: int = 1) -> list[str]:
+    """CLI arguments of a tiny run on the hand-made cache; with 1 epoch they repeat the
+    `trained` fixture's run under another name."""
     return [
         "train",
         "--dataset",
@@ -278,9 +264,9 @@ def same_run_args(cfg, name: str) -> list[str]:
         "--name",
         name,
         "--epochs",
-        "1",
+        str(epochs),
         *CLI_TINY,
-    ]  # one epoch: compared with the fixture's first
+    ]
 
 
 MIRRORED = """import sys
@@ -301,7 +287,7 @@ def epoch_losses(run_dir: Path, epoch: int) -> tuple[float, float]:
 @pytest.mark.slow
 def test_mirrored_over_two_cpus_reaches_the_single_device_loss(trained):
     cfg, _ = trained
-    mirrored = captioner_cli(*same_run_args(cfg, "m"), "--strategy", "mirrored", code=MIRRORED)
+    mirrored = captioner_cli(*run_args(cfg, "m"), "--strategy", "mirrored", code=MIRRORED)
     out, err = mirrored.communicate(timeout=300)
     assert mirrored.returncode == 0, err[-2000:]
     assert "2 replica(s)" in err
@@ -315,7 +301,7 @@ def test_two_local_workers_reach_the_single_device_loss(trained):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     workers = [
         captioner_cli(
-            *same_run_args(cfg, "mw"),
+            *run_args(cfg, "mw"),
             "--strategy",
             "multiworker",
             env={
