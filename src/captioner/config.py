@@ -209,10 +209,7 @@ def parse_override(text: str) -> dict[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    result: dict[str, Any] = value
-    for part in reversed(dotted.strip().split(".")):
-        result = {part: result}
-    return result  # type: ignore[return-value]
+    return parse_override_value(dotted.strip(), value)
 
 
 def load_config(
@@ -247,6 +244,7 @@ def load_config(
 
 
 def parse_override_value(dotted: str, value: Any) -> dict[str, Any]:
+    """("train.epochs", 5) -> {"train": {"epochs": 5}}."""
     result: Any = value
     for part in reversed(dotted.split(".")):
         result = {part: result}
