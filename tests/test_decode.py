@@ -168,12 +168,14 @@ def test_bad_beam_width_is_refused():
         decode.beam_search(random_model(), np.zeros((1, 8), np.float32), 4, beam=0)
 
 
-def test_block_top_k_is_exact_and_special_ids_come_first():
+def test_block_top_k_and_normaliser_are_exact_and_special_ids_come_first():
     import tensorflow as tf
 
     logits = tf.constant(np.random.default_rng(5).normal(size=(7, 5 * decode.BLOCK)), tf.float32)
+    maxima, normaliser = decode._scan(logits)
+    np.testing.assert_allclose(normaliser, tf.reduce_logsumexp(logits, 1, keepdims=True), 1e-6)
     for k in (1, 3, 6):  # 6 > the 5 blocks
-        values, columns = decode._top_k(logits, k)
+        values, columns = decode._top_k(logits, maxima, k)
         expected_values, expected_columns = tf.math.top_k(logits, k)
         np.testing.assert_array_equal(values.numpy(), expected_values.numpy())
         np.testing.assert_array_equal(columns.numpy(), expected_columns.numpy())

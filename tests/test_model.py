@@ -136,13 +136,17 @@ def test_step_by_step_decoding_equals_the_full_sequence_logits(captions, small_m
     inputs, targets = batch(encoded, [7, 8, 9])
     full = keras.ops.convert_to_numpy(model(inputs))  # (B, T, V)
     image = merge.image_vector(model, inputs["features"])
-    state = merge.initial_state(model, 3)
-    for t in range(inputs["tokens"].shape[1]):
-        logits, state = merge.step(model, image, inputs["tokens"][:, t], state)
-        real = targets[:, t] != 0  # past a caption's end, decoding would have stopped
-        np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(logits)[real], full[real, t], atol=1e-5
-        )
+    table = merge.token_table(model)
+    assert (table is None) == (cell == "gru")
+    # the Keras cell, and for an LSTM also the looked-up input projection decode.py uses
+    for step_table in (None,) if table is None else (None, table):
+        state = merge.initial_state(model, 3)
+        for t in range(inputs["tokens"].shape[1]):
+            logits, state = merge.step(model, image, inputs["tokens"][:, t], state, step_table)
+            real = targets[:, t] != 0  # past a caption's end, decoding would have stopped
+            np.testing.assert_allclose(
+                keras.ops.convert_to_numpy(logits)[real], full[real, t], atol=1e-5
+            )
 
 
 def test_save_and_load_in_safe_mode_round_trips_and_resumes(captions, small_model, tmp_path):

@@ -1,10 +1,11 @@
 """Greedy and beam-search decoding, batched over images and beams, compiled with tf.function.
 
 Both decoders step the RNN state one token at a time with model.hidden_step (no re-running of
-the prefix per word) inside one compiled loop per batch of images. They stop at <end> or after
-`max_length` words, whichever comes first, and stop early once every caption (or beam) has
-ended. Padding, <start> and <unk> can never be emitted: the hidden vector is projected onto the
-columns of <end> and the words only, so their logits are never even computed.
+the prefix per word; an LSTM's input projection is looked up per token) inside one compiled loop
+per batch of images. They stop at <end> or after `max_length` words, whichever comes first, and
+stop early once every caption (or beam) has ended. Padding, <start> and <unk> can never be
+emitted: the hidden vector is projected onto the columns of <end> and the words only, so their
+logits are never even computed.
 
 Beam search keeps `beam` hypotheses per image in one (images * beam) batch. A finished hypothesis
 stays in its slot and may only be extended by padding at no cost, so finished and live hypotheses
@@ -16,6 +17,7 @@ in the hypothesis.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable
@@ -24,15 +26,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioner.model import hidden_step, image_vector, initial_state
+from captioner.model import hidden_step, image_vector, initial_state, token_table
 from captioner.text import END_ID, PAD_ID, START_ID, UNK_ID
 
 NEVER_EMIT = (PAD_ID, UNK_ID, START_ID)  # ids 0, 1, 2 (text.py): all below <end>, so
 FIRST_ALLOWED = END_ID  # <end> (3) and the words (4...) are the ids a caption may contain
 MASKED = -1e9  # finite, so masked scores never produce inf - inf = nan
-XLA = False  # jit_compile: measured no faster on CPU here (BENCHMARKS.md)
+XLA = False  # jit_compile for the whole loop: slower on CPU here (BENCHMARKS.md)
 BLOCK = 64  # columns per block in _top_k
-BATCH_SIZE = 1000  # images per compiled call: bounds memory at (batch * beam, vocab) floats
+BATCH_SIZE = 3000  # hypotheses (images * beam) per compiled call; bounds memory at (rows, vocab)
 
 # Compiled decoders per model and settings; weak keys so a dropped model frees its graphs.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -119,6 +121,13 @@ def _until_end(row: np.ndarray) -> list[int]:
     return words
 
 
+def _xla_step(model: keras.Model) -> Callable:
+    """model.hidden_step compiled by XLA, which fuses the RNN's gate arithmetic: about a fifth
+    faster on CPU. Only the step: the vocabulary projection stays with TensorFlow's oneDNN
+    matmul, faster than XLA's at that size (BENCHMARKS.md)."""
+    return tf.function(functools.partial(hidden_step, model), jit_compile=True)
+
+
 def _vocab_size(model: keras.Model) -> int:
     return int(model.get_layer("logits").units)
 
@@ -129,7 +138,7 @@ def _allowed_projection(model: keras.Model) -> tuple[tf.Tensor, tf.Tensor]:
     -> kernel (U, A), bias (A,) with A = V - 3 rounded up to a multiple of BLOCK; the padding
     columns have bias 2 * MASKED, below any real column even when n-gram blocking masked it, so
     they are never chosen. Column a is id a + FIRST_ALLOWED. Projecting onto these columns masks
-    <pad>, <unk> and <start> for free and lets _top_k reshape the logits into blocks.
+    <pad>, <unk> and <start> for free and lets _scan reshape the logits into blocks.
     """
     layer = model.get_layer("logits")
     kernel = tf.convert_to_tensor(layer.kernel)[:, FIRST_ALLOWED:]
@@ -141,27 +150,35 @@ def _allowed_projection(model: keras.Model) -> tuple[tf.Tensor, tf.Tensor]:
     )
 
 
-def _top_k(logits, k: int):
-    """Exact top-k of each row of (R, A) logits, faster on CPU than tf.math.top_k over A.
-
-    The k largest values lie in the k blocks (of BLOCK columns) with the largest maxima, so take
-    the block maxima (R, A / BLOCK), the best k blocks, and top-k over their R x k x BLOCK values.
-    """
-    rows, width = tf.shape(logits)[0], logits.shape[1]
-    blocks = tf.reshape(logits, [rows, width // BLOCK, BLOCK])
-    k_blocks = min(k, width // BLOCK)
-    _, best_blocks = tf.math.top_k(tf.reduce_max(blocks, axis=-1), k=k_blocks)  # (R, kb)
-    candidates = tf.gather(blocks, best_blocks, batch_dims=1)  # (R, kb, BLOCK)
-    values, position = tf.math.top_k(tf.reshape(candidates, [rows, k_blocks * BLOCK]), k=k)
-    block = tf.gather(best_blocks, position // BLOCK, batch_dims=1)
-    return values, block * BLOCK + position % BLOCK  # (R, k) values and columns
-
-
 @tf.function(jit_compile=True)
-def _log_normaliser(logits):
-    """log(sum(exp(logits))) per row, (R, A) -> (R, 1). XLA fuses max, exp and sum into one pass
-    over the logits, about twice as fast as the separate TF ops."""
-    return tf.reduce_logsumexp(logits, axis=-1, keepdims=True)
+def _scan(logits):
+    """The one pass over the (R, A) logits that beam search needs, fused by XLA.
+
+    -> the maxima of the blocks of BLOCK columns (R, A / BLOCK), for _top_k, and the log
+    normaliser log(sum(exp(logits))) (R, 1). At beam search's sizes the logits are larger than
+    the CPU caches and every pass over them is a trip to memory: one pass instead of separate
+    max, top-k and logsumexp ops.
+    """
+    maxima = tf.reduce_max(tf.reshape(logits, [tf.shape(logits)[0], -1, BLOCK]), axis=2)
+    top = tf.reduce_max(maxima, axis=1, keepdims=True)  # (R, 1)
+    return maxima, top + tf.math.log(tf.reduce_sum(tf.exp(logits - top), axis=1, keepdims=True))
+
+
+def _top_k(logits, maxima, k: int):
+    """Exact top-k of each row of (R, A) logits, given their block maxima from _scan; much faster
+    on CPU than tf.math.top_k over A columns (which costs as much as the projection itself).
+
+    The k largest values lie in the k blocks with the largest maxima, so take the best k blocks
+    and top-k over their R x k x BLOCK values (contiguous, so a few cache lines per row).
+    """
+    rows = tf.shape(logits)[0]
+    k_blocks = min(k, logits.shape[1] // BLOCK)
+    _, best = tf.math.top_k(maxima, k=k_blocks)  # (R, kb)
+    blocks = tf.reshape(logits, [rows, -1, BLOCK])
+    candidates = tf.gather(blocks, best, batch_dims=1)  # (R, kb, BLOCK)
+    values, position = tf.math.top_k(tf.reshape(candidates, [rows, k_blocks * BLOCK]), k=k)
+    block = tf.gather(best, position // BLOCK, batch_dims=1)
+    return values, block * BLOCK + position % BLOCK  # (R, k) values and columns
 
 
 # --- greedy ------------------------------------------------------------------------------------
@@ -172,13 +189,15 @@ def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
     def run(features):
         batch = tf.shape(features)[0]
         kernel, bias = _allowed_projection(model)  # (U, A), (A,)
+        table = token_table(model)  # (V, 4U) for an LSTM, else None
+        step = _xla_step(model)
         image = image_vector(model, features)  # (B, U)
         state = initial_state(model, batch)
         token = tf.fill([batch], START_ID)
         done = tf.zeros([batch], tf.bool)
         output = tf.zeros([max_length, batch], tf.int32)  # time-major so each step writes a row
         for t in tf.range(max_length):
-            hidden, state = hidden_step(model, image, token, state)  # (B, U)
+            hidden, state = step(image, token, state, table)  # (B, U)
             logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B, A)
             token = tf.argmax(logits, axis=-1, output_type=tf.int32) + FIRST_ALLOWED
             token = tf.where(done, PAD_ID, token)  # (B,)
@@ -208,6 +227,8 @@ def _beam_loop(
         batch = tf.shape(features)[0]
         rows = batch * beam  # hypotheses are rows b * beam + k
         kernel, bias = _allowed_projection(model)  # (U, A), (A,)
+        table = token_table(model)  # (V, 4U) for an LSTM, else None
+        step = _xla_step(model)
         image = tf.repeat(image_vector(model, features), beam, axis=0)  # (B*K, U)
         state = initial_state(model, rows)
         token = tf.fill([rows], START_ID)
@@ -217,13 +238,13 @@ def _beam_loop(
         done = tf.zeros([batch, beam], tf.bool)
         sequences = tf.zeros([rows, max_length], tf.int32)
         for t in tf.range(max_length):
-            hidden, state = hidden_step(model, image, token, state)  # (B*K, U)
+            hidden, state = step(image, token, state, table)  # (B*K, U)
             logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B*K, A)
             if no_repeat_ngram > 0:
                 logits += _repeated_ngram_mask(sequences, t, no_repeat_ngram, logits.shape[1])
-            top_logits, top_ids = _top_k(logits, per_row)  # (B*K, P)
-            # log-probabilities over the allowed ids: logit - log(sum(exp(logits)))
-            top_logp = top_logits - _log_normaliser(logits)  # (B*K, P) - (B*K, 1)
+            maxima, normaliser = _scan(logits)  # (B*K, A / BLOCK), (B*K, 1)
+            top_logits, top_ids = _top_k(logits, maxima, per_row)  # (B*K, P)
+            top_logp = top_logits - normaliser  # log-probabilities over the allowed ids
             flat_done = tf.reshape(done, [rows, 1])
             top_logp = tf.where(flat_done, finished_logp, top_logp)
             top_ids = tf.where(flat_done, PAD_ID, top_ids + FIRST_ALLOWED)

@@ -228,18 +228,45 @@ def initial_state(model: keras.Model, batch_size):
     return [zeros, zeros] if isinstance(rnn, layers.LSTM) else [zeros]
 
 
-def step(model: keras.Model, image, token_ids, state):
+def step(model: keras.Model, image, token_ids, state, table=None):
     """One decoding step: token ids (B,) and RNN state -> float32 logits (B, V) and new state."""
-    hidden, new_state = hidden_step(model, image, token_ids, state)
+    hidden, new_state = hidden_step(model, image, token_ids, state, table)
     return ops.cast(model.get_layer("logits")(hidden), "float32"), new_state  # (B, V)
 
 
-def hidden_step(model: keras.Model, image, token_ids, state):
+def token_table(model: keras.Model):
+    """For an LSTM, the input half of its gates for every token: embedding @ kernel + bias,
+    (V, 4U). A decoding step then gathers one row per token instead of multiplying (B, E) by
+    (E, 4U), a third of the step's matmul work. None for a GRU, which steps through its cell."""
+    rnn = model.get_layer("rnn")
+    if not isinstance(rnn, layers.LSTM):
+        return None
+    cell = rnn.cell
+    table = ops.matmul(model.get_layer("embedding").embeddings, cell.kernel)
+    return table + cell.bias if cell.use_bias else table
+
+
+def hidden_step(model: keras.Model, image, token_ids, state, table=None):
     """`step` without the `logits` layer: -> hidden (B, U) and new state. decode.py projects the
-    hidden vector onto only the ids a caption may contain (cheaper than all V logits)."""
-    embedded = model.get_layer("embedding")(token_ids)  # (B, E)
-    rnn_cell = model.get_layer("rnn").cell
-    output, new_state = rnn_cell(embedded, state if len(state) > 1 else state[0])
-    if not isinstance(new_state, (list, tuple)):
-        new_state = [new_state]
-    return model.get_layer("decoder_dense")(image + output), list(new_state)  # (B, U)
+    hidden vector onto only the ids a caption may contain (cheaper than all V logits).
+
+    With `table` (token_table: LSTMs only) the LSTM cell's arithmetic is done here, the input
+    projection looked up; without it the Keras cell runs as it does in training.
+    """
+    if table is None:
+        embedded = model.get_layer("embedding")(token_ids)  # (B, E)
+        output, new_state = model.get_layer("rnn").cell(
+            embedded, state if len(state) > 1 else state[0]
+        )
+        new_state = list(new_state) if isinstance(new_state, (list, tuple)) else [new_state]
+    else:  # keras LSTMCell.call (implementation 2, no dropout at inference)
+        cell = model.get_layer("rnn").cell
+        h, c = state
+        z = ops.take(table, token_ids, axis=0) + ops.matmul(h, cell.recurrent_kernel)  # (B, 4U)
+        z_input, z_forget, z_cell, z_output = ops.split(z, 4, axis=1)
+        c = cell.recurrent_activation(z_forget) * c + cell.recurrent_activation(
+            z_input
+        ) * cell.activation(z_cell)
+        output = cell.recurrent_activation(z_output) * cell.activation(c)
+        new_state = [output, c]
+    return model.get_layer("decoder_dense")(image + output), new_state  # (B, U)
