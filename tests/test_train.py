@@ -137,6 +137,27 @@ def test_existing_run_is_never_overwritten(trained):
     assert (run_dir / "history.csv").read_text() == before
 
 
+@pytest.mark.slow  # trains beside the `trained` fixture's run
+def test_resume_with_more_epochs_trains_a_finished_run_further(trained, capsys):
+    cfg, full_run = trained  # 2 epochs in one go
+    root = Path(cfg.data.data_dir).parent
+    settings = {"train.name": "short", "features.encoder": "handmade"}
+    run_dir = train.train(mini_config(root, **settings, **{"train.epochs": 1}))
+    assert read_json(run_dir / "state.json")["finished"]
+    with pytest.raises(CaptionerError, match="1 epochs are done; train.epochs=0 is fewer"):
+        train.train(mini_config(root, **settings, **{"train.epochs": 0}), resume=True)
+
+    assert train.train(mini_config(root, **settings), resume=True) == run_dir  # to 2 epochs
+    state = read_json(run_dir / "state.json")
+    assert state["finished"] and state["epoch"] == state["epochs"] == 2
+    assert read_json(run_dir / "config.json")["train"]["epochs"] == 2
+    rows, full = history(run_dir), history(full_run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert rows[0] == full[0]  # the same seed: the same first epoch
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"])  # the second epoch went on learning
+    assert "train.epochs 1 -> 2" in capsys.readouterr().err
+
+
 def test_early_stopping_best_model_and_checkpoint_pruning(tmp_path):
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))

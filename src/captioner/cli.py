@@ -230,7 +230,11 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
     default=None,
     help="tf.distribute strategy (multiworker reads TF_CONFIG).",
 )
-@click.option("--resume", is_flag=True, help="Continue the named run from its last checkpoint.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the named run from its last checkpoint (with more --epochs: a finished one).",
+)
 @_fail_cleanly
 def train(
     encoder: str | None,
@@ -249,6 +253,7 @@ def train(
       captioner train --dataset flickr8k              # downloads, cleans, extracts, trains
       captioner train --dataset demo --epochs 5
       captioner train --dataset flickr8k --name f8k --resume
+      captioner train --dataset flickr8k --name f8k --resume --epochs 30   # train further
     """
     from captioner import train as stage
 

@@ -42,6 +42,7 @@ from captioner.io import (
 from captioner.tokenizer import Vocabulary
 
 # Settings that decide what a run trains; a --resume with other values would mix two runs.
+# train.epochs and train.patience only decide when it stops: a --resume may change them (_extend).
 RESUME_KEYS = (
     "seed",
     "data.dataset",
@@ -49,10 +50,8 @@ RESUME_KEYS = (
     "features.encoder",
     "tokenizer",
     "model",
-    "train.epochs",
     "train.batch_size",
     "train.learning_rate",
-    "train.patience",
     "train.precision",
     "train.shuffle_buffer",
 )
@@ -75,10 +74,15 @@ def train(cfg: Config, resume: bool = False) -> Path:
     cache = load_cache(paths["features"])
     if chief:
         state = _open_run(run_dir, cfg, resume, paths)
-    else:  # other workers read the chief's run (to resume) but write nothing
-        state = read_json(run_dir / "state.json") if resume else _initial_state(cfg)
+    elif resume:  # other workers read the chief's run but write nothing
+        state = _extend(run_dir, read_json(run_dir / "state.json"), cfg)
+    else:
+        state = _initial_state(cfg)
     if state["finished"]:
-        log(f"{run_dir}: already finished ({state['epoch']} epochs)")
+        log(
+            f"{run_dir}: already finished ({state['epoch']} epochs); --resume with more "
+            "--epochs (or a larger train.patience after early stopping) trains it further"
+        )
         return run_dir
 
     vocab = Vocabulary.load(run_dir / "vocab.json" if chief else paths["vocab"])
@@ -235,7 +239,10 @@ def _open_run(run_dir: Path, cfg: Config, resume: bool, paths: dict[str, Path]) 
     state_path = run_dir / "state.json"
     if resume and state_path.is_file():
         _check_resumable(run_dir, cfg, paths)
-        state = read_json(state_path)
+        state = _extend(run_dir, read_json(state_path), cfg)
+        saved = read_json(run_dir / "config.json")
+        saved["train"].update(epochs=cfg.train.epochs, patience=cfg.train.patience)
+        write_json(run_dir / "config.json", saved)
         _publish(run_dir, state, copy_best=True)  # finish what a kill may have interrupted
         return state
     write_json(run_dir / "config.json", cfg.to_dict())
@@ -246,6 +253,20 @@ def _open_run(run_dir: Path, cfg: Config, resume: bool, paths: dict[str, Path]) 
     _publish(run_dir, state, copy_best=False)  # state.json and an empty history.csv
     log(f"run directory {run_dir}")
     return state
+
+
+def _extend(run_dir: Path, state: dict, cfg: Config) -> dict:
+    """The run's state under this command's train.epochs and train.patience: a resume may
+    raise them to train a finished run further (never below the epochs already done)."""
+    epochs, patience = cfg.train.epochs, cfg.train.patience
+    if epochs < state["epoch"]:
+        raise CaptionerError(
+            f"{run_dir}: {state['epoch']} epochs are done; train.epochs={epochs} is fewer"
+        )
+    if epochs != state["epochs"]:
+        log(f"{run_dir}: train.epochs {state['epochs']} -> {epochs}")
+    stopped = patience > 0 and state["wait"] >= patience
+    return {**state, "epochs": epochs, "finished": stopped or state["epoch"] >= epochs}
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
