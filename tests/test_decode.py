@@ -181,3 +181,17 @@ def test_block_top_k_and_normaliser_are_exact_and_special_ids_come_first():
         np.testing.assert_array_equal(columns.numpy(), expected_columns.numpy())
     # decoders project onto ids >= FIRST_ALLOWED, which relies on this order of text.py's ids
     assert max(decode.NEVER_EMIT) < decode.FIRST_ALLOWED == END_ID
+
+
+def test_a_dropped_model_is_freed_with_its_compiled_decoders():
+    import gc
+    import weakref
+
+    model = random_model()
+    features = np.zeros((2, 8), np.float32)
+    decode.greedy(model, features, 5)
+    decode.beam_search(model, features, 5, beam=3)
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None

@@ -36,7 +36,8 @@ XLA = False  # jit_compile for the whole loop: slower on CPU here (BENCHMARKS.md
 BLOCK = 64  # columns per block in _top_k
 BATCH_SIZE = 3000  # hypotheses (images * beam) per compiled call; bounds memory at (rows, vocab)
 
-# Compiled decoders per model and settings; weak keys so a dropped model frees its graphs.
+# Compiled decoders per model and settings. Weak keys, and the decoders hold their model only
+# weakly (they need it while tracing), so a model its caller drops is freed with its graphs.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -185,8 +186,11 @@ def _top_k(logits, maxima, k: int):
 
 
 def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
+    model_ref = weakref.ref(model)
+
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=XLA)
     def run(features):
+        model = model_ref()  # traced while the caller holds the model
         batch = tf.shape(features)[0]
         kernel, bias = _allowed_projection(model)  # (U, A), (A,)
         table = token_table(model)  # (V, 4U) for an LSTM, else None
@@ -221,9 +225,11 @@ def _beam_loop(
     per_row = min(beam, _vocab_size(model) - FIRST_ALLOWED)
     # A finished hypothesis has one continuation, padding at no cost: (per_row,)
     finished_logp = tf.constant([0.0] + [MASKED] * (per_row - 1))
+    model_ref = weakref.ref(model)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=XLA)
     def run(features):
+        model = model_ref()  # traced while the caller holds the model
         batch = tf.shape(features)[0]
         rows = batch * beam  # hypotheses are rows b * beam + k
         kernel, bias = _allowed_projection(model)  # (U, A), (A,)
