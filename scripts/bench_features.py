@@ -67,6 +67,7 @@ def time_ours(folder: Path, precision: str, batch_size: int, seed: int) -> tuple
     """Images/s of `extract` on the dataset in `folder`, and the features it wrote."""
     from captioner import features
     from captioner.config import load_config
+    from captioner.feature_cache import load_cache
 
     cfg = load_config(
         None,
@@ -86,7 +87,7 @@ def time_ours(folder: Path, precision: str, batch_size: int, seed: int) -> tuple
     start = time.perf_counter()
     out = features.extract(cfg)
     seconds = time.perf_counter() - start
-    cache = features.load_cache(out)
+    cache = load_cache(out)
     result = np.array(cache.features)
     for name in ("features.npy", "ids.txt", "bad_images.txt", "meta.json"):
         (out / name).unlink()  # the next precision computes, not reuses

@@ -19,6 +19,7 @@ from PIL import Image
 
 from captioner import features
 from captioner.errors import CaptionerError
+from captioner.feature_cache import load_cache
 
 SMALL = "mobilenetv3small"  # ~0.1 GFLOP per image: for tests of the cache machinery
 
@@ -165,7 +166,7 @@ def test_extract_lists_bad_images_and_reuses_finished_cache(
     write_dataset(cfg, names, folder)
 
     out = features.extract(cfg)
-    cache = features.load_cache(out)
+    cache = load_cache(out)
     good = [n for n in names if n in photos or expected.get(n) == "ok"]
     assert out == cfg.features_dir and cache.ids == good and cache.row[good[2]] == 2
     assert cache.features.shape == (len(good), 576) and cache.features.dtype == np.float32
@@ -208,7 +209,7 @@ def test_merged_shards_equal_unsharded_run(flickr8k_fixtures, tiny_config, tmp_p
     }
     whole = tiny_config("mine", **settings)
     write_dataset(whole, names, folder)
-    expected = features.load_cache(features.extract(whole))
+    expected = load_cache(features.extract(whole))
 
     sharded = tiny_config("mine", **settings, **{"data.data_dir": str(tmp_path / "sharded")})
     write_dataset(sharded, names, folder)
@@ -231,8 +232,8 @@ def test_merged_shards_equal_unsharded_run(flickr8k_fixtures, tiny_config, tmp_p
         )
     )
 
-    merged = features.load_cache(features.merge_shards(sharded))
-    assert features.load_cache(sharded.features_dir / "shards" / "2-of-3").ids == names[-2:]
+    merged = load_cache(features.merge_shards(sharded))
+    assert load_cache(sharded.features_dir / "shards" / "2-of-3").ids == names[-2:]
     assert merged.ids == expected.ids and merged.features.dtype == np.float16
     np.testing.assert_array_equal(merged.features, expected.features)
     assert (merged.path / "bad_images.txt").read_text() == (
@@ -251,26 +252,26 @@ def test_bad_shard_spec_is_one_line_error(flickr8k_fixtures, tiny_config):
 def test_load_cache_accepts_drop_in_and_rejects_broken(tmp_path):
     folder = tmp_path / "features" / "clip"
     with pytest.raises(CaptionerError, match="no feature cache"):
-        features.load_cache(folder)
+        load_cache(folder)
     (folder / "chunks").mkdir(parents=True)
     with pytest.raises(CaptionerError, match="unfinished feature cache"):
-        features.load_cache(folder)
+        load_cache(folder)
 
     vectors = np.arange(21, dtype=np.float32).reshape(3, 7)  # any model, any dimension
     np.save(folder / "features.npy", vectors)
     (folder / "ids.txt").write_text("a.jpg\nb.jpg\nc.jpg\n")
     (folder / "meta.json").write_text(json.dumps({"encoder": "clip", "dim": 7, "count": 3}))
-    cache = features.load_cache(folder)
+    cache = load_cache(folder)
     np.testing.assert_array_equal(cache.features[cache.row["b.jpg"]], vectors[1])
 
     (folder / "ids.txt").write_text("a.jpg\nb.jpg\n")
     with pytest.raises(CaptionerError, match="ids.txt has 2 lines"):
-        features.load_cache(folder)
+        load_cache(folder)
     (folder / "ids.txt").write_text("a.jpg\nb.jpg\nc.jpg\n")
     data = (folder / "features.npy").read_bytes()
     (folder / "features.npy").write_bytes(data[: len(data) - 20])
     with pytest.raises(CaptionerError, match="unreadable cache"):
-        features.load_cache(folder)
+        load_cache(folder)
 
 
 @pytest.mark.slow
@@ -350,7 +351,7 @@ def test_killed_run_resumes_to_the_same_array(flickr8k_fixtures, tiny_config, tm
 
     whole = tiny_config("mine", **settings)
     write_dataset(whole, names, flickr8k_fixtures / "Flicker8k_Dataset")
-    expected = features.load_cache(features.extract(whole))
-    result = features.load_cache(killed.features_dir)
+    expected = load_cache(features.extract(whole))
+    result = load_cache(killed.features_dir)
     assert result.ids == expected.ids == names
     np.testing.assert_array_equal(result.features, expected.features)

@@ -143,7 +143,7 @@ def split_features(
     run: LoadedRun, references: dict[str, list[str]]
 ) -> tuple[list[str], np.ndarray]:
     """Images of the split that have a feature row, and their features (N, D) float32."""
-    from captioner.features import load_cache
+    from captioner.feature_cache import load_cache
 
     cache = load_cache(run.cfg.features_dir)
     for key in SAME_FEATURES:

@@ -1,10 +1,7 @@
 """`captioner features`: run an image encoder once over every image and cache the vectors.
 
-DIR/<dataset>/features/<encoder>/ (format in data/README.md):
-  features.npy  (N, D) float32|float16, one row per readable image, np.load(mmap_mode="r")
-  ids.txt       the image file name of each row
-  bad_images.txt  "<image>\t<reason>" for every image that is missing or unreadable
-  meta.json     encoder, weights, dim, count, ...; written last: its presence = finished cache
+The cache goes to DIR/<dataset>/features/<encoder>/ (features.npy, ids.txt, bad_images.txt,
+meta.json last; feature_cache.py reads and writes that format, data/README.md describes it).
 
 Work in progress lives in chunks/: one .npy + .json pair per cfg.features.chunk_size images, the
 .json written (atomically) after its .npy, so a killed run redoes at most one chunk. A batch never
@@ -16,12 +13,9 @@ block of chunks in shards/I-of-N/; `--merge` concatenates the N finished shards 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +24,11 @@ from tqdm import tqdm
 
 from captioner.config import Config
 from captioner.errors import CaptionerError
-from captioner.io import atomic_write_bytes, library_versions, log, read_json, write_json
+from captioner.feature_cache import FORMAT, assemble, load_cache, read_bad, save_npy, write_cache
+from captioner.io import library_versions, log, read_json, write_json
 
-FORMAT = 1
-REQUIRED_META = ("encoder", "dim", "count")
 # Keys that must agree between a finished cache (or unfinished chunks, or shards) and the config.
 SETTINGS = ("encoder", "weights", "seed", "precision", "dtype", "images_sha256")
-
-
-@dataclass(frozen=True)
-class FeatureCache:
-    """A finished cache: features (N, D) memory-mapped, ids[i] = image of row i."""
-
-    path: Path
-    features: np.ndarray
-    ids: list[str]
-    meta: dict[str, Any]
-    row: dict[str, int]
 
 
 def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 0):
@@ -54,33 +36,6 @@ def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 
     from captioner import encoders
 
     return encoders.build_encoder(name, weights, precision, seed)
-
-
-def load_cache(features_dir: str | Path) -> FeatureCache:
-    """Open a finished cache; one-line CaptionerError if it is missing, unfinished or corrupt."""
-    folder = Path(features_dir)
-    rerun = f"run `captioner features` (delete {folder} first if it is corrupt)"
-    if not (folder / "meta.json").is_file():
-        state = "unfinished" if (folder / "chunks").is_dir() else "no"
-        raise CaptionerError(f"{folder}: {state} feature cache (no meta.json); {rerun}")
-    meta = read_json(folder / "meta.json")
-    missing = [key for key in REQUIRED_META if not isinstance(meta, dict) or key not in meta]
-    if missing:
-        raise CaptionerError(f"{folder / 'meta.json'}: missing {', '.join(missing)}; {rerun}")
-    try:
-        features = np.load(folder / "features.npy", mmap_mode="r", allow_pickle=False)
-        ids = (folder / "ids.txt").read_text(encoding="utf-8").splitlines()
-    except (OSError, ValueError) as error:
-        raise CaptionerError(f"{folder}: unreadable cache ({error}); {rerun}") from None
-    if features.ndim != 2 or features.shape != (len(ids), meta["dim"]) or meta["count"] != len(ids):
-        raise CaptionerError(
-            f"{folder}: features.npy is {features.shape}, ids.txt has {len(ids)} "
-            f"lines, meta.json says {meta['count']} x {meta['dim']}; {rerun}"
-        )
-    row = {name: index for index, name in enumerate(ids)}
-    if len(row) != len(ids):
-        raise CaptionerError(f"{folder / 'ids.txt'}: an image is listed twice; {rerun}")
-    return FeatureCache(folder, features, ids, meta, row)
 
 
 # --- settings and image list ----------------------------------------------------------------------
@@ -231,7 +186,7 @@ def _compute(
             todo,
             present,
         )
-    _assemble(
+    assemble(
         out,
         chunks_dir,
         len(chunk_names),
@@ -275,7 +230,7 @@ def _run_chunks(
     def finish(k: int) -> None:
         part = pending.pop(k)
         rows = np.concatenate(part["rows"] or [np.zeros((0, encoder.dim), np.float32)])
-        _save_npy(chunks_dir / f"{chunk_ids[k]:05d}.npy", rows.astype(dtype))
+        save_npy(chunks_dir / f"{chunk_ids[k]:05d}.npy", rows.astype(dtype))
         write_json(
             chunks_dir / f"{chunk_ids[k]:05d}.json", {"ids": part["ids"], "bad": part["bad"]}
         )
@@ -302,75 +257,6 @@ def _run_chunks(
             progress.update(len(ok) + len(failed))
             if remaining[k] == 0:
                 finish(k)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save via a temporary file, fsync'd and renamed: a kill leaves the old state or the new."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-# --- writing a finished cache ---------------------------------------------------------------------
-def _assemble(out: Path, chunks_dir: Path, n_chunks: int, meta: dict[str, Any]) -> None:
-    """Concatenate the chunks into the finished cache, then remove them."""
-    parts = []
-    for k in range(n_chunks):
-        record = read_json(chunks_dir / f"{k:05d}.json")
-        rows = np.load(chunks_dir / f"{k:05d}.npy", mmap_mode="r", allow_pickle=False)
-        parts.append((rows, record["ids"], [tuple(pair) for pair in record["bad"]]))
-    _write_cache(out, parts, meta)
-    shutil.rmtree(chunks_dir)
-
-
-def _write_cache(
-    out: Path,
-    parts: list[tuple[np.ndarray, list[str], list[tuple[str, str]]]],
-    meta: dict[str, Any],
-) -> None:
-    """features.npy, ids.txt, bad_images.txt from (rows, ids, bad) parts; meta.json last."""
-    ids = [name for _, names, _ in parts for name in names]
-    bad = [pair for _, _, pairs in parts for pair in pairs]
-    tmp = out / "features.npy.tmp"
-    array = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.dtype(meta["dtype"]), shape=(len(ids), meta["dim"])
-    )
-    start = 0
-    for rows, _, _ in parts:
-        array[start : start + len(rows)] = rows
-        start += len(rows)
-    array.flush()
-    del array
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, out / "features.npy")
-    atomic_write_bytes(out / "ids.txt", "".join(f"{name}\n" for name in ids).encode())
-    lines = "".join(f"{name}\t{' '.join(reason.split())}\n" for name, reason in bad)
-    atomic_write_bytes(out / "bad_images.txt", lines.encode())
-    missing = sum(reason.startswith("missing") for _, reason in bad)
-    created = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json(
-        out / "meta.json",
-        {
-            **meta,
-            "count": len(ids),
-            "bad": len(bad) - missing,
-            "missing": missing,
-            "created": created,
-        },
-    )
-    log(
-        f"{out}: {len(ids)} features of dimension {meta['dim']}, {len(bad) - missing} unreadable "
-        f"and {missing} missing images"
-    )
-
-
-def _read_bad(folder: Path) -> list[tuple[str, str]]:
-    lines = (folder / "bad_images.txt").read_text(encoding="utf-8").splitlines()
-    return [tuple(line.split("\t", 1)) for line in lines if line]  # type: ignore[misc]
 
 
 def merge_shards(cfg: Config) -> Path:
@@ -411,7 +297,7 @@ def merge_shards(cfg: Config) -> Path:
         out / "shards",
         "recompute the shards with the current settings and captions.csv",
     )
-    parts = [(cache.features, cache.ids, _read_bad(cache.path)) for cache in caches]
+    parts = [(cache.features, cache.ids, read_bad(cache.path)) for cache in caches]
     covered = [name for _, ids, bad in parts for name in ids + [pair[0] for pair in bad]]
     if sorted(covered) != sorted(names):
         raise CaptionerError(
@@ -420,6 +306,6 @@ def merge_shards(cfg: Config) -> Path:
         )
     meta = {key: value for key, value in first.items() if not key.startswith("shard")}
     meta.pop("images", None)
-    _write_cache(out, parts, {**meta, "merged_shards": count})
+    write_cache(out, parts, {**meta, "merged_shards": count})
     log(f"merged {count} shards; {out / 'shards'} can now be deleted")
     return out

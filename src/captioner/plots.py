@@ -313,9 +313,9 @@ Job = Callable[[Path], Path] | str  # draws the plot into the given path, or why
 
 def _dataset_jobs(cfg: Config, captions: pd.DataFrame, images_dir: Path) -> dict[str, Job]:
     def draw_features(path: Path) -> Path:
-        from captioner import features
+        from captioner.feature_cache import load_cache
 
-        cache = features.load_cache(cfg.features_dir)
+        cache = load_cache(cfg.features_dir)
         return feature_space(cache.features, cache.ids, images_dir, path, seed=cfg.seed)
 
     has_cache = (cfg.features_dir / "meta.json").is_file()  # meta.json is written last

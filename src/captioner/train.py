@@ -69,7 +69,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     strategy = distribute.make_strategy(cfg.train.strategy)
     set_seed(cfg.seed)
     paths = pipeline.prepare(cfg)
-    from captioner.features import load_cache
+    from captioner.feature_cache import load_cache
 
     cache = load_cache(paths["features"])
     if chief:
