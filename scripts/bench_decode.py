@@ -8,6 +8,9 @@ of 8,000, max_length 34). The <end> logit is pushed far down so that every capti
 max_length: the full-length worst case, the same number of words for ours and the reference.
 The reference (one model.predict per word, re-tokenizing the text so far, pre-padding, scanning
 the word index) is timed on a few images and reported per caption; ours on a batch of 1,000.
+For scale, beam3_floor_ms is the matmul work of a beam-3 caption (vocabulary projection, LSTM
+recurrence, decoder dense) at the float32 matmul peak measured in the same run (the best of a
+measurement before and after, as the machine's speed drifts).
 
 --quality RUN scores decoding settings (beam width, length penalty, n-gram blocking) on a split of
 a trained run, to decide which become defaults (BENCHMARKS.md).
@@ -21,7 +24,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench_common import best_time, machine, report  # noqa: E402
+from bench_common import best_time, machine, matmul_peak_gflops, report  # noqa: E402
 
 # (beam, length_penalty, no_repeat_ngram) compared by --quality
 SETTINGS = [
@@ -76,6 +79,7 @@ def main(argv: list[str]) -> dict:
     # VGG16 fc2 outputs are non-negative (after relu)
     features = np.maximum(rng.normal(size=(args.images, args.feature_dim)), 0).astype(np.float32)
 
+    peak = matmul_peak_gflops()
     timings = {}
     for name, run in (
         ("greedy", lambda: decode.greedy(model, features, args.max_length)),
@@ -108,6 +112,11 @@ def main(argv: list[str]) -> dict:
     ours = decode.greedy(model, photos, args.max_length)
     same = [t.split()[1:] for t in texts] == [[vocab.tokens[i] for i in c] for c in ours]
 
+    peak = max(peak, matmul_peak_gflops())
+    units, columns = model.get_layer("rnn").units, decode._allowed_projection(model)[0].shape[1]
+    flops_per_word = 2 * units * (columns + 4 * units + units)  # projection, recurrence, dense
+    beam3_floor_ms = 3 * args.max_length * flops_per_word / (peak * 1e9) * 1000
+
     result = {
         "images": args.images,
         "vocab": args.vocab,
@@ -121,6 +130,8 @@ def main(argv: list[str]) -> dict:
         "reference_ms_per_word": reference_ms / args.max_length,
         "ratio": reference_ms / timings["greedy_ms"],
         "beam3_ratio": reference_ms / timings["beam3_ms"],
+        "peak_gflops": peak,
+        "beam3_floor_ms": beam3_floor_ms,
         "same_captions_as_reference": same,
         "greedy_first_call_s": timings["greedy_first_call_s"],
         "beam3_first_call_s": timings["beam3_first_call_s"],
