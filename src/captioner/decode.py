@@ -123,10 +123,13 @@ def _until_end(row: np.ndarray) -> list[int]:
 
 
 def _xla_step(model: keras.Model) -> Callable:
-    """model.hidden_step compiled by XLA, which fuses the RNN's gate arithmetic: about a fifth
-    faster on CPU. Only the step: the vocabulary projection stays with TensorFlow's oneDNN
-    matmul, faster than XLA's at that size (BENCHMARKS.md)."""
-    return tf.function(functools.partial(hidden_step, model), jit_compile=True)
+    """step(image, token, state) -> (hidden, state): model.hidden_step with the LSTM's input
+    projection looked up (token_table), compiled by XLA, which fuses the RNN's gate arithmetic:
+    about a fifth faster on CPU. Only the step: the vocabulary projection stays with
+    TensorFlow's oneDNN matmul, faster than XLA's at that size (BENCHMARKS.md)."""
+    table = token_table(model)  # (V, 4U) for an LSTM, else None
+    compiled = tf.function(functools.partial(hidden_step, model), jit_compile=True)
+    return lambda image, token, state: compiled(image, token, state, table)
 
 
 def _vocab_size(model: keras.Model) -> int:
@@ -193,7 +196,6 @@ def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
         model = model_ref()  # traced while the caller holds the model
         batch = tf.shape(features)[0]
         kernel, bias = _allowed_projection(model)  # (U, A), (A,)
-        table = token_table(model)  # (V, 4U) for an LSTM, else None
         step = _xla_step(model)
         image = image_vector(model, features)  # (B, U)
         state = initial_state(model, batch)
@@ -201,7 +203,7 @@ def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
         done = tf.zeros([batch], tf.bool)
         output = tf.zeros([max_length, batch], tf.int32)  # time-major so each step writes a row
         for t in tf.range(max_length):
-            hidden, state = step(image, token, state, table)  # (B, U)
+            hidden, state = step(image, token, state)  # (B, U)
             logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B, A)
             token = tf.argmax(logits, axis=-1, output_type=tf.int32) + FIRST_ALLOWED
             token = tf.where(done, PAD_ID, token)  # (B,)
@@ -233,7 +235,6 @@ def _beam_loop(
         batch = tf.shape(features)[0]
         rows = batch * beam  # hypotheses are rows b * beam + k
         kernel, bias = _allowed_projection(model)  # (U, A), (A,)
-        table = token_table(model)  # (V, 4U) for an LSTM, else None
         step = _xla_step(model)
         image = tf.repeat(image_vector(model, features), beam, axis=0)  # (B*K, U)
         state = initial_state(model, rows)
@@ -244,7 +245,7 @@ def _beam_loop(
         done = tf.zeros([batch, beam], tf.bool)
         sequences = tf.zeros([rows, max_length], tf.int32)
         for t in tf.range(max_length):
-            hidden, state = step(image, token, state, table)  # (B*K, U)
+            hidden, state = step(image, token, state)  # (B*K, U)
             logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B*K, A)
             if no_repeat_ngram > 0:
                 logits += _repeated_ngram_mask(sequences, t, no_repeat_ngram, logits.shape[1])

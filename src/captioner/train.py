@@ -265,8 +265,13 @@ def _extend(run_dir: Path, state: dict, cfg: Config) -> dict:
         )
     if epochs != state["epochs"]:
         log(f"{run_dir}: train.epochs {state['epochs']} -> {epochs}")
-    stopped = patience > 0 and state["wait"] >= patience
+    stopped = _stopped_early(state, patience)
     return {**state, "epochs": epochs, "finished": stopped or state["epoch"] >= epochs}
+
+
+def _stopped_early(state: dict, patience: int) -> bool:
+    """Early stopping's rule: `patience` epochs in a row without a lower val_loss (0 = never)."""
+    return patience > 0 and state["wait"] >= patience
 
 
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
@@ -326,7 +331,7 @@ class RunCheckpoint(keras.callbacks.Callback):
             )
         else:
             state["wait"] += 1
-        stop = self.patience > 0 and state["wait"] >= self.patience
+        stop = _stopped_early(state, self.patience)
         state["finished"] = stop or state["epoch"] >= state["epochs"]
         if self.write:
             _publish(self.run_dir, state, copy_best=improved)
