@@ -98,20 +98,7 @@ def test_same_seed_gives_the_same_history(trained, capsys):
 def test_existing_run_is_never_overwritten(trained):
     cfg, run_dir = trained
     before = (run_dir / "history.csv").read_text()
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--dataset",
-            "mini",
-            "--data-dir",
-            cfg.data.data_dir,
-            "--set",
-            f"train.runs_dir={cfg.train.runs_dir}",
-            "--name",
-            "a",
-        ],
-    )
+    result = CliRunner().invoke(main, run_args(cfg, "a"))
     assert result.exit_code == 1
     assert result.output.strip() == (
         f"Error: {run_dir}: a run of this name exists; add --resume "
