@@ -25,10 +25,25 @@ def machine() -> dict:
 
     return {
         "cpu": model,
+        "vector": vector_extensions(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
     }
+
+
+def vector_extensions() -> str:
+    """The widest vector units the CPU has: figures from one kind do not hold on another."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = set(next((line for line in handle if line.startswith("flags")), "").split())
+    except OSError:
+        return "unknown"
+    if "amx_bf16" in flags or "avx512_bf16" in flags:
+        return "AVX512-BF16/AMX" if "amx_bf16" in flags else "AVX512-BF16"
+    if "avx512f" in flags:
+        return "AVX-512"
+    return "AVX2" if "avx2" in flags else "no AVX2"
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -159,8 +159,8 @@ def _datasets(cfg: Config, vocab: Vocabulary, cache: Any) -> tuple[Any, Any, np.
         seed=cfg.seed,
         shuffle_buffer=cfg.train.shuffle_buffer,
     )
-    dev_data = data.make_dataset(
-        cache.features, dev_rows, dev_captions, batch, shuffle=False, seed=cfg.seed
+    dev_data = data.make_dataset(  # bucketed: the same loss, less padding to compute
+        cache.features, dev_rows, dev_captions, batch, shuffle=False, seed=cfg.seed, bucket=True
     )
     log(
         f"training on {len(train_captions):,} captions of {len(np.unique(train_rows)):,} "
