@@ -59,6 +59,12 @@ class Vocabulary:
         kept = [
             (w, c) for w, c in counter.most_common() if c >= min_count and w not in SPECIAL_TOKENS
         ]
+        if not kept:  # every caption would decode to ""
+            top = max(counter.values(), default=0)
+            raise CaptionerError(
+                f"tokenizer.min_count={min_count} keeps no word (the most frequent training word "
+                f"is seen {top} times in {len(lengths)} captions); lower --min-count"
+            )
         longest = int(np.ceil(np.percentile(lengths, length_percentile)))
         if max_length > 0:
             longest = min(longest, max_length)
