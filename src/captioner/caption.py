@@ -24,6 +24,7 @@ from captioner.tokenizer import Vocabulary
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RUN_FILES = ("config.json", "vocab.json", "features_meta.json", "model.keras")
+TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 @dataclass
@@ -207,12 +208,18 @@ def caption_command(
             failed.setdefault(path, reason)
     for path in paths:
         if path in failed:
-            print(f"{path}: {failed[path]}", file=sys.stderr)
+            print(f"{tsv_field(path)}: {failed[path]}", file=sys.stderr)
             continue
         for run, by_path in zip(loaded, captions, strict=True):
             caption = by_path[path]
             if as_json:
                 print(json.dumps({"image": path, "model": run.name, "caption": caption}))
             else:
-                print(f"{path}\t{run.name}\t{caption}")
+                print("\t".join(tsv_field(text) for text in (path, run.name, caption)))
     return len(failed) + len(empty_folders)
+
+
+def tsv_field(text: str) -> str:
+    r"""`text` as one TSV field on one line: a backslash, tab, newline or carriage return is
+    written \\, \t, \n or \r (README), so any file name keeps its row and its columns."""
+    return text.translate(TSV_ESCAPES)
