@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from captioner.config import Config, from_dict
+from captioner.config import LIMITS, Config, from_dict
 from captioner.errors import CaptionerError
 from captioner.io import log, read_json
 from captioner.tokenizer import Vocabulary
@@ -46,8 +46,8 @@ class LoadedRun:
         """Beam width (argument, else the run's config), length penalty, n-gram block, cap."""
         decode_cfg = self.cfg.decode
         beam = decode_cfg.beam if beam is None else beam
-        if beam < 1:
-            raise CaptionerError(f"--beam must be at least 1 (1 = greedy), got {beam}")
+        if beam not in LIMITS["decode.beam"]:  # the same range as the config key
+            raise CaptionerError(f"--beam must be {LIMITS['decode.beam']} (1 = greedy), got {beam}")
         return {
             "beam": beam,
             "length_penalty": decode_cfg.length_penalty,
