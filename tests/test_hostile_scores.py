@@ -193,6 +193,13 @@ def test_vocabulary_without_words_is_refused():
     )
 
 
+def test_a_saved_vocabulary_without_words_is_refused(tmp_path: Path):
+    words = Vocabulary.from_captions(["a dog", "a dog"], min_count=2)
+    path = write_json(tmp_path / "vocab.json", {**words.to_json(), "tokens": words.tokens[:4]})
+    with pytest.raises(CaptionerError, match="vocab.json: a vocabulary without words; rebuild"):
+        Vocabulary.load(path)
+
+
 def test_cli_min_count_too_high_writes_no_vocabulary_and_no_run(tmp_path: Path, flickr8k_fixtures):
     cfg = mini_config(tmp_path)
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=5)

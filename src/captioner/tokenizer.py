@@ -112,7 +112,7 @@ class Vocabulary:
     def load(cls, path: Path) -> Vocabulary:
         data = read_json(path)
         try:
-            return cls(
+            vocab = cls(
                 tokens=tuple(data["tokens"]),
                 counts=tuple(data["counts"]),
                 max_length=int(data["max_length"]),
@@ -120,6 +120,11 @@ class Vocabulary:
             )
         except (KeyError, TypeError) as error:
             raise CaptionerError(f"{path}: not a captioner vocabulary ({error})") from None
+        if vocab.size == len(SPECIAL_TOKENS):  # made before empty vocabularies were refused
+            raise CaptionerError(
+                f"{path}: a vocabulary without words; rebuild it with a lower --min-count"
+            )
+        return vocab
 
 
 def _file_sha256(path: Path) -> str:
