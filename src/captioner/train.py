@@ -11,6 +11,8 @@ state.json = {"epoch", "epochs", "finished", "best_val_loss", "best_epoch", "wai
 without improvement, for early stopping), "checkpoint", "best_checkpoint", "history"}. Every file
 is complete before state.json names it, so after a kill -9 at any moment state.json describes a
 consistent run, and `--resume` continues from the epoch it names with the optimizer it saved.
+Every input is read and checked before the run directory is made, and an epoch with a NaN or
+infinite loss stops training before it is committed: a run is never "finished" on NaN.
 """
 
 from __future__ import annotations
