@@ -11,49 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_train import mini_config, run_args
 from tinydata import write_dataset
 
 from captioner import feature_cache, train
 from captioner.cli import main
-from captioner.config import load_config
 from captioner.errors import CaptionerError
 from captioner.feature_cache import load_cache
 from captioner.io import read_json, write_json
 from captioner.tokenizer import Vocabulary
 
 SIZES = {"train": 12, "dev": 4}
-TINY = {
-    "model.units": 8,
-    "model.embed_dim": 4,
-    "model.dropout": 0.0,
-    "train.epochs": 1,
-    "train.batch_size": 16,
-    "tokenizer.min_count": 2,
-    "train.patience": 0,
-    "features.encoder": "handmade",
-}
-
-
-def mini_config(root: Path, **dotted):
-    flags = {"data.data_dir": str(root / "data"), "train.runs_dir": str(root / "runs"), **TINY}
-    return load_config(None, (), dataset="mini", **{**flags, **dotted})
-
-
-def cli_train(cfg, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--dataset",
-        "mini",
-        "--data-dir",
-        cfg.data.data_dir,
-        "--encoder",
-        "handmade",
-        "--name",
-        "x",
-        *[f"--set={key}={value}" for key, value in TINY.items() if key != "features.encoder"],
-        f"--set=train.runs_dir={cfg.train.runs_dir}",
-        *extra,
-    ]
+HANDMADE = {"features.encoder": "handmade"}  # the cache tinydata writes
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -118,7 +87,7 @@ def test_nan_loss_during_training_never_finishes_a_run(
 ):
     """A NaN learning rate (config refuses one, so it is slipped in here) makes the loss NaN:
     training stops with one line and state.json stays strict JSON of an unfinished run."""
-    cfg = mini_config(tmp_path, **{"train.name": "nan"})
+    cfg = mini_config(tmp_path, **HANDMADE, **{"train.name": "nan"})
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=5)
     compile_model = train.model.compile_model
     monkeypatch.setattr(
@@ -137,7 +106,7 @@ def test_nan_loss_during_training_never_finishes_a_run(
 def test_cache_with_non_finite_rows_is_refused_reading_in_blocks(
     tmp_path: Path, flickr8k_fixtures, monkeypatch
 ):
-    cfg = mini_config(tmp_path)
+    cfg = mini_config(tmp_path, **HANDMADE)
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=5)
     folder = cfg.features_dir
     ids = (folder / "ids.txt").read_text().split()
@@ -175,10 +144,10 @@ def test_float16_overflow_is_refused(tmp_path: Path):
 
 
 def test_cli_train_on_a_nan_cache_is_one_line_and_makes_no_run(tmp_path: Path, flickr8k_fixtures):
-    cfg = mini_config(tmp_path)
+    cfg = mini_config(tmp_path, **HANDMADE)
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=5)
     poison(cfg.features_dir, 3)
-    result = CliRunner().invoke(main, cli_train(cfg))
+    result = CliRunner().invoke(main, run_args(cfg, "x"))
     assert_one_line_error(result, "features.npy: 1 row(s) hold NaN or infinity", "row 3")
     assert not Path(cfg.train.runs_dir).exists()
 
@@ -201,21 +170,21 @@ def test_a_saved_vocabulary_without_words_is_refused(tmp_path: Path):
 
 
 def test_cli_min_count_too_high_writes_no_vocabulary_and_no_run(tmp_path: Path, flickr8k_fixtures):
-    cfg = mini_config(tmp_path)
+    cfg = mini_config(tmp_path, **HANDMADE)
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=5)
     args = ["--dataset", "mini", "--data-dir", cfg.data.data_dir]
     result = CliRunner().invoke(main, ["tokenizer", *args, "--min-count", "1000000"])
     assert_one_line_error(result, "tokenizer.min_count=1000000 keeps no word")
     assert not cfg.vocab_json.exists()
-    result = CliRunner().invoke(main, cli_train(cfg, "--set=tokenizer.min_count=1000000"))
+    result = CliRunner().invoke(main, [*run_args(cfg, "x"), "--set=tokenizer.min_count=1000000"])
     assert_one_line_error(result, "keeps no word")
     assert not Path(cfg.train.runs_dir).exists()
 
 
 def test_cli_train_refused_after_the_earlier_stages_makes_no_run(tmp_path, flickr8k_fixtures):
     """Inputs are checked before the run folder is made: here, a dataset without a dev split."""
-    cfg = mini_config(tmp_path)
+    cfg = mini_config(tmp_path, **HANDMADE)
     write_dataset(cfg, flickr8k_fixtures, {"train": 12}, dim=5)
-    result = CliRunner().invoke(main, cli_train(cfg))
+    result = CliRunner().invoke(main, run_args(cfg, "x"))
     assert_one_line_error(result, "no dev captions with features")
     assert not Path(cfg.train.runs_dir).exists()
