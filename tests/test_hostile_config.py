@@ -5,6 +5,9 @@ refused command creates nothing (no run folder that would then block the name)."
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -141,4 +144,20 @@ def test_every_stage_refuses_bad_numbers_before_work(tmp_path: Path, monkeypatch
     result = CliRunner().invoke(main, [*command, "--dataset", "demo"])
     assert result.exit_code == 1
     assert len(result.stderr.splitlines()) == 1 and "config key '" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_setting_is_refused_before_tensorflow_starts(tmp_path: Path):
+    """In a real process stderr holds only the error: TensorFlow (whose C++ start-up lines go
+    straight to file descriptor 2) is not imported before the settings are checked."""
+    done = subprocess.run(
+        [sys.executable, "-m", "captioner.cli", "train", "--epochs", "0", "--name", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"},
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == "Error: config key 'train.epochs' must be in [1, 100000], got 0\n"
     assert list(tmp_path.iterdir()) == []
