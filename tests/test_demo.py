@@ -143,7 +143,7 @@ def test_cli_demo_and_bad_settings(tmp_path):
 
     bad = CliRunner().invoke(main, [*args, "--set", "demo.test_images=-1"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output
-    assert "image counts must be >= 0" in bad.output
+    assert "'demo.test_images' must be in [0, 1000000000], got -1" in bad.output
 
 
 def test_demo_cleans_with_the_flickr8k_code(tiny_config, tmp_path):
@@ -158,5 +158,5 @@ def test_demo_cleans_with_the_flickr8k_code(tiny_config, tmp_path):
 
 
 def test_bad_settings_raise(tiny_config, tmp_path):
-    with pytest.raises(CaptionerError, match="image_size >= 32"):
-        demo.generate(make(tiny_config, tmp_path, "a", **{"demo.image_size": 8}))
+    with pytest.raises(CaptionerError, match=r"'demo.image_size' must be in \[32, 4096\]"):
+        make(tiny_config, tmp_path, "a", **{"demo.image_size": 8})

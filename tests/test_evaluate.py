@@ -243,7 +243,7 @@ def test_evaluate_refuses_bad_input(tmp_path, tiny_config, flickr8k_fixtures):
         evaluate.evaluate(run_dir, split="val", with_meteor=False)
     with pytest.raises(CaptionerError, match="--data-dir"):
         evaluate.evaluate(run_dir, data_dir=str(tmp_path / "elsewhere"), with_meteor=False)
-    with pytest.raises(CaptionerError, match="--beam must be at least 1"):
+    with pytest.raises(CaptionerError, match=r"--beam must be in \[1, 100\] \(1 = greedy\)"):
         evaluate.evaluate(run_dir, beam=0, with_meteor=False)
     meta = json.loads((run_dir / "features_meta.json").read_text())
     write_json(run_dir / "features_meta.json", {**meta, "weights": "imagenet"})

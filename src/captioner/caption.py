@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from captioner.config import Config, from_dict
+from captioner.config import LIMITS, Config, from_dict
 from captioner.errors import CaptionerError
 from captioner.io import log, read_json
 from captioner.tokenizer import Vocabulary
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RUN_FILES = ("config.json", "vocab.json", "features_meta.json", "model.keras")
+TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 @dataclass
@@ -45,8 +46,8 @@ class LoadedRun:
         """Beam width (argument, else the run's config), length penalty, n-gram block, cap."""
         decode_cfg = self.cfg.decode
         beam = decode_cfg.beam if beam is None else beam
-        if beam < 1:
-            raise CaptionerError(f"--beam must be at least 1 (1 = greedy), got {beam}")
+        if beam not in LIMITS["decode.beam"]:  # the same range as the config key
+            raise CaptionerError(f"--beam must be {LIMITS['decode.beam']} (1 = greedy), got {beam}")
         return {
             "beam": beam,
             "length_penalty": decode_cfg.length_penalty,
@@ -207,12 +208,18 @@ def caption_command(
             failed.setdefault(path, reason)
     for path in paths:
         if path in failed:
-            print(f"{path}: {failed[path]}", file=sys.stderr)
+            print(f"{tsv_field(path)}: {failed[path]}", file=sys.stderr)
             continue
         for run, by_path in zip(loaded, captions, strict=True):
             caption = by_path[path]
             if as_json:
                 print(json.dumps({"image": path, "model": run.name, "caption": caption}))
             else:
-                print(f"{path}\t{run.name}\t{caption}")
+                print("\t".join(tsv_field(text) for text in (path, run.name, caption)))
     return len(failed) + len(empty_folders)
+
+
+def tsv_field(text: str) -> str:
+    r"""`text` as one TSV field on one line: a backslash, tab, newline or carriage return is
+    written \\, \t, \n or \r (README), so any file name keeps its row and its columns."""
+    return text.translate(TSV_ESCAPES)

@@ -1,7 +1,8 @@
 """The `captioner` command: one thin click command per stage.
 
 Commands only turn options into a Config and call the stage function. TensorFlow is imported
-inside the stage modules, which are imported inside the command bodies, so `--help` is instant.
+inside the stage modules, which are imported inside the command bodies once the Config is built,
+so `--help` is instant and a bad setting is refused at once, before TensorFlow's start-up logs.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def download(mirror: str | None, skip_checksum: bool | None, **common: Any) -> N
       captioner download --dataset flickr8k
       captioner download --dataset demo        # synthetic, no network
     """
+    cfg = resolve(**common, **{"download.mirror": mirror, "download.skip_checksum": skip_checksum})
     from captioner import download as stage
 
-    cfg = resolve(**common, **{"download.mirror": mirror, "download.skip_checksum": skip_checksum})
     click.echo(stage.download(cfg))
 
 
@@ -144,8 +145,6 @@ def clean(
       captioner clean --dataset flickr8k --split official
       captioner clean --dataset mine --format csv --captions caps.csv --images pics/
     """
-    from captioner import clean as stage
-
     cfg = resolve(
         **common,
         **{
@@ -155,6 +154,8 @@ def clean(
             "data.images": images,
         },
     )
+    from captioner import clean as stage
+
     click.echo(stage.clean(cfg))
 
 
@@ -185,8 +186,6 @@ def features(
       captioner features --dataset flickr8k --encoder vgg16 --weights imagenet
       captioner features --dataset demo --weights none --batch-size 32
     """
-    from captioner import features as stage
-
     cfg = resolve(
         **common,
         **{
@@ -197,6 +196,8 @@ def features(
             "features.shard": shard,
         },
     )
+    from captioner import features as stage
+
     click.echo(stage.merge_shards(cfg) if merge else stage.extract(cfg))
 
 
@@ -211,9 +212,9 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
     Example:
       captioner tokenizer --dataset flickr8k --min-count 5
     """
+    cfg = resolve(**common, **{"tokenizer.min_count": min_count})
     from captioner import tokenizer as stage
 
-    cfg = resolve(**common, **{"tokenizer.min_count": min_count})
     click.echo(stage.build_vocab(cfg))
 
 
@@ -255,8 +256,6 @@ def train(
       captioner train --dataset flickr8k --name f8k --resume
       captioner train --dataset flickr8k --name f8k --resume --epochs 30   # train further
     """
-    from captioner import train as stage
-
     cfg = resolve(
         **common,
         **{
@@ -268,6 +267,8 @@ def train(
             "train.strategy": strategy,
         },
     )
+    from captioner import train as stage
+
     click.echo(stage.train(cfg, resume=resume))
 
 
@@ -352,9 +353,9 @@ def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
       captioner plot --dataset flickr8k --out plots/
       captioner plot --dataset demo --run runs/demo --out plots/
     """
+    cfg = resolve(**common)
     from captioner import plots as stage
 
-    cfg = resolve(**common)
     for path in stage.plot(cfg, Path(out_dir), Path(run_dir) if run_dir else None):
         click.echo(path)
 

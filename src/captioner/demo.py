@@ -25,7 +25,6 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from captioner.config import Config
-from captioner.errors import CaptionerError
 from captioner.io import atomic_write_bytes, log, read_json, write_json
 
 FORMAT = 1  # bump when drawing or wording changes, so old demo data is regenerated
@@ -163,12 +162,6 @@ def generate(cfg: Config) -> Path:
 
     Deterministic from cfg.seed and cfg.demo; reuses finished data made with the same settings.
     """
-    sizes = cfg.demo
-    if min(sizes.train_images, sizes.dev_images, sizes.test_images) < 0 or sizes.image_size < 32:
-        raise CaptionerError(
-            f"demo settings {asdict(sizes)}: image counts must be >= 0 and "
-            "image_size >= 32; fix them with --set demo.KEY=VALUE"
-        )
     raw, wanted = cfg.raw_dir, settings(cfg)
     marker = raw / SETTINGS_FILE
     if marker.is_file():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,10 @@ from PIL import Image, UnidentifiedImageError
 from captioner.errors import CaptionerError
 
 KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+# Only regular files up to this size are read as images (README, "Safety"): larger than any
+# photo Pillow would decode within its pixel limit, small enough that a few at once fit in memory.
+MAX_IMAGE_BYTES = 256 << 20
+NOT_REGULAR = "not a regular file (a FIFO, device or folder); only image files are read"
 # Pillow only warns between 1x and 2x its pixel limit (and refuses above): load_image refuses
 # both and reports it as one line, so the warning itself would be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -86,20 +92,42 @@ class BadImage(Exception):
     """A file that cannot be turned into an RGB image; the message is the reason."""
 
 
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES; else BadImage.
+
+    A FIFO would block the read forever and /dev/zero never ends, so the file type is checked
+    before opening (stat follows symlinks) and again on the opened file (O_NONBLOCK: opening a
+    FIFO swapped in meanwhile does not wait for a writer), and the read stops past the cap.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise BadImage(NOT_REGULAR)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise BadImage(NOT_REGULAR)
+            data = handle.read(min(info.st_size, MAX_IMAGE_BYTES) + 1)
+    except FileNotFoundError:
+        raise BadImage("missing: no such file") from None
+    except OSError as error:
+        raise BadImage(f"unreadable: {error.strerror or error}") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadImage(
+            f"too large: over {MAX_IMAGE_BYTES >> 20} MiB (captioner.encoders.MAX_IMAGE_BYTES)"
+        )
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return data
+
+
 def load_image(path: str | Path, size: int = 224) -> np.ndarray:
     """(size, size, 3) uint8 RGB, pixel-identical to keras.utils.load_img(target_size=(size, size)).
 
     Like load_img: no EXIF rotation, alpha dropped, NEAREST resize. Unlike it, 16-bit images are
     scaled to 8 bits (Pillow's convert would clip them to white). Raises BadImage.
     """
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise BadImage("missing: no such file") from None
-    except OSError as error:
-        raise BadImage(f"unreadable: {error.strerror or error}") from None
-    if not data:
-        raise BadImage("empty file (0 bytes)")
+    data = read_image_file(path)
     too_large = BadImage(
         f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels; "
         "resize it or raise PIL.Image.MAX_IMAGE_PIXELS"

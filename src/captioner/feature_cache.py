@@ -4,6 +4,7 @@
   ids.txt         the image file name of each row
   bad_images.txt  "<image>\t<reason>" for every image that is missing or unreadable
   meta.json       encoder, weights, dim, count, ...; written last: its presence = finished cache
+  checked.json    written by load_cache once every row was found finite (no NaN or infinity)
 
 features.py builds caches (in resumable chunks, or as shards it merges); train, evaluate and
 caption only read them, through load_cache.
@@ -25,6 +26,7 @@ from captioner.io import atomic_write_bytes, log, read_json, write_json
 
 FORMAT = 1
 REQUIRED_META = ("encoder", "dim", "count")
+CHECK_BYTES = 64 << 20  # the finite check reads this much at a time: memory stays flat
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,42 @@ def load_cache(features_dir: str | Path) -> FeatureCache:
     row = {name: index for index, name in enumerate(ids)}
     if len(row) != len(ids):
         raise CaptionerError(f"{folder / 'ids.txt'}: an image is listed twice; {rerun}")
+    _check_finite(folder, features, ids, rerun)
     return FeatureCache(folder, features, ids, meta, row)
+
+
+def _check_finite(folder: Path, features: np.ndarray, ids: list[str], rerun: str) -> None:
+    """Refuse rows holding NaN or infinity (they make every loss NaN), reading the memmap in
+    blocks. checked.json records features.npy's size, mtime and inode once it passed, so an
+    unchanged cache is read once, and any rewrite or edit of features.npy is checked again."""
+    info = (folder / "features.npy").stat()
+    stamp = {
+        "finite": True,
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
+        "inode": info.st_ino,
+    }
+    try:
+        if read_json(folder / "checked.json") == stamp:
+            return
+    except CaptionerError:
+        pass  # not checked yet, or an unreadable record: check again
+    step = max(1, CHECK_BYTES // max(1, features.shape[1] * features.itemsize))
+    bad, first = 0, -1
+    for start in range(0, len(features), step):
+        rows = np.flatnonzero(~np.isfinite(features[start : start + step]).all(axis=1))
+        if len(rows) and first < 0:
+            first = start + int(rows[0])
+        bad += len(rows)
+    if bad:
+        raise CaptionerError(
+            f"{folder / 'features.npy'}: {bad} row(s) hold NaN or infinity (the first is row "
+            f"{first}, {ids[first]}); {rerun}"
+        )
+    try:
+        write_json(folder / "checked.json", stamp)
+    except OSError:
+        pass  # a read-only cache is simply checked again next time
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

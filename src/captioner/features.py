@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from captioner.config import Config
+from captioner.config import Config, parse_shard
 from captioner.errors import CaptionerError
 from captioner.feature_cache import FORMAT, assemble, load_cache, read_bad, save_npy, write_cache
 from captioner.io import library_versions, log, read_json, write_json
@@ -80,13 +80,6 @@ def _check_same(found: dict[str, Any], wanted: dict[str, Any], where: Path, fix:
             raise CaptionerError(f"{where}: made with {what}; {fix}")
 
 
-def _shard(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match or not int(match[1]) < int(match[2]):
-        raise CaptionerError(f"features.shard: expected I/N with 0 <= I < N, got '{text}'")
-    return int(match[1]), int(match[2])
-
-
 # --- extraction -----------------------------------------------------------------------------------
 def extract(cfg: Config) -> Path:
     """Compute (or resume, or reuse) the feature cache for cfg; return its folder.
@@ -95,19 +88,10 @@ def extract(cfg: Config) -> Path:
     A finished cache made with other settings is an error (never silently recomputed)."""
     names, images_dir = _image_list(cfg)
     out, chunk_size = cfg.features_dir, cfg.features.chunk_size
-    if (
-        chunk_size < 1
-        or cfg.features.batch_size < 1
-        or cfg.features.dtype not in ("float32", "float16")
-    ):
-        raise CaptionerError(
-            "config features.chunk_size and batch_size must be >= 1 and "
-            "features.dtype float32 or float16"
-        )
     wanted = _settings(cfg, names)
     extra: dict[str, Any] = {}
     if cfg.features.shard:
-        index, count = _shard(cfg.features.shard)
+        index, count = parse_shard(cfg.features.shard)
         chunks = np.array_split(np.arange(-(-len(names) // chunk_size)), count)[index]
         start, stop = (
             (chunks[0] * chunk_size, (chunks[-1] + 1) * chunk_size) if len(chunks) else (0, 0)

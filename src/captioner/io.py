@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from captioner.errors import CaptionerError
 
 
 def log(message: str) -> None:
@@ -32,13 +35,39 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, value: Any) -> Path:
-    atomic_write_bytes(Path(path), (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
+    """Write `value` as JSON atomically; NaN or infinity (not JSON) is refused, nothing written."""
+    try:
+        text = json.dumps(value, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError:
+        where = _non_finite(value)
+        if where is None:
+            raise
+        raise CaptionerError(
+            f"{path}: not written, {where} is not a finite number (JSON has no NaN or infinity)"
+        ) from None
+    atomic_write_bytes(Path(path), (text + "\n").encode())
     return Path(path)
 
 
-def read_json(path: Path) -> Any:
-    from captioner.errors import CaptionerError
+def _non_finite(value: Any, where: str = "the value") -> str | None:
+    """Where the first NaN or infinity in a JSON-like value is ("history.2.loss"), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    prefix = "" if where == "the value" else f"{where}."
+    for key, item in items:
+        found = _non_finite(item, f"{prefix}{key}")
+        if found is not None:
+            return found
+    return None
 
+
+def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -59,6 +59,12 @@ class Vocabulary:
         kept = [
             (w, c) for w, c in counter.most_common() if c >= min_count and w not in SPECIAL_TOKENS
         ]
+        if not kept:  # every caption would decode to ""
+            top = max(counter.values(), default=0)
+            raise CaptionerError(
+                f"tokenizer.min_count={min_count} keeps no word (the most frequent training word "
+                f"is seen {top} times in {len(lengths)} captions); lower --min-count"
+            )
         longest = int(np.ceil(np.percentile(lengths, length_percentile)))
         if max_length > 0:
             longest = min(longest, max_length)
@@ -106,7 +112,7 @@ class Vocabulary:
     def load(cls, path: Path) -> Vocabulary:
         data = read_json(path)
         try:
-            return cls(
+            vocab = cls(
                 tokens=tuple(data["tokens"]),
                 counts=tuple(data["counts"]),
                 max_length=int(data["max_length"]),
@@ -114,6 +120,11 @@ class Vocabulary:
             )
         except (KeyError, TypeError) as error:
             raise CaptionerError(f"{path}: not a captioner vocabulary ({error})") from None
+        if vocab.size == len(SPECIAL_TOKENS):  # made before empty vocabularies were refused
+            raise CaptionerError(
+                f"{path}: a vocabulary without words; rebuild it with a lower --min-count"
+            )
+        return vocab
 
 
 def _file_sha256(path: Path) -> str:
@@ -148,11 +159,6 @@ def build_vocab(cfg: Config) -> Path:
                 return cfg.vocab_json
         except CaptionerError as error:
             log(f"rebuilding: {error}")
-    if tok.min_count < 1 or not 0 < tok.length_percentile <= 100 or tok.max_length < 0:
-        raise CaptionerError(
-            "tokenizer settings: need min_count >= 1, 0 < length_percentile "
-            "<= 100 and max_length >= 0; fix the config or --set values"
-        )
     captions = read_split(cfg, "train")["caption"]
     if captions.empty:
         raise CaptionerError(

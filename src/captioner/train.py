@@ -11,11 +11,14 @@ state.json = {"epoch", "epochs", "finished", "best_val_loss", "best_epoch", "wai
 without improvement, for early stopping), "checkpoint", "best_checkpoint", "history"}. Every file
 is complete before state.json names it, so after a kill -9 at any moment state.json describes a
 consistent run, and `--resume` continues from the epoch it names with the optimizer it saved.
+Every input is read and checked before the run directory is made, and an epoch with a NaN or
+infinite loss stops training before it is committed: a run is never "finished" on NaN.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -72,6 +75,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     from captioner.feature_cache import load_cache
 
     cache = load_cache(paths["features"])
+    # Every input is read and checked before the run directory is made (a resumed run's
+    # vocabulary is checked equal to paths["vocab"]), so a refused start leaves nothing behind.
+    vocab = Vocabulary.load(paths["vocab"])
+    train_data, dev_data, train_rows = _datasets(cfg, vocab, cache)
     if chief:
         state = _open_run(run_dir, cfg, resume, paths)
     elif resume:  # other workers read the chief's run but write nothing
@@ -85,8 +92,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
         )
         return run_dir
 
-    vocab = Vocabulary.load(run_dir / "vocab.json" if chief else paths["vocab"])
-    train_data, dev_data, train_rows = _datasets(cfg, vocab, cache)
     log(
         f"vocabulary {vocab.size:,}, features {cache.features.shape[1]}-d, "
         f"{strategy.num_replicas_in_sync} replica(s); {state['epoch']}/{cfg.train.epochs} "
@@ -316,6 +321,13 @@ class RunCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs, state = logs or {}, self.state
         loss, val_loss = float(logs["loss"]), float(logs["val_loss"])
+        if not (math.isfinite(loss) and math.isfinite(val_loss)):  # before anything is saved
+            raise CaptionerError(
+                f"{self.run_dir}: training diverged in epoch {epoch + 1} (loss {loss}, val_loss "
+                f"{val_loss}); likely train.learning_rate is too high, or the features are huge "
+                "(try model.normalize_features=true); the run keeps its "
+                f"{state['epoch']} good epochs, start a new one with another --name"
+            )
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch + 1, "loss": loss, "val_loss": val_loss})
         state["checkpoint"] = f"checkpoints/epoch-{epoch + 1:04d}.keras"
