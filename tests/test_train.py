@@ -165,6 +165,22 @@ def test_early_stopping_best_model_and_checkpoint_pruning(tmp_path):
     assert [r["val_loss"] for r in history(tmp_path)] == ["3.0", "2.0", "2.5", "2.1"]
 
 
+def test_learning_rate_decays_after_an_epoch_without_improvement_and_is_checkpointed(tmp_path):
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    state = train._initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
+    callback = train.RunCheckpoint(tmp_path, state, patience=0, lr_decay=0.5)
+    callback.set_model(model)
+    for epoch, val_loss in enumerate([3.0, 2.0, 2.5, 2.6, 1.0]):
+        callback.on_epoch_end(epoch, {"loss": 1.0, "val_loss": val_loss})
+    rates = [row["learning_rate"] for row in state["history"]]  # the rate each epoch trained at
+    assert rates == pytest.approx([0.01, 0.01, 0.01, 0.005, 0.0025])
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.0025)  # 1.0 improved: kept
+    saved = keras.saving.load_model(tmp_path / state["checkpoint"], compile=True)
+    assert float(saved.optimizer.learning_rate) == pytest.approx(0.0025)  # a resume goes on here
+
+
 @pytest.mark.parametrize(
     "tf_config, chief",
     [

@@ -55,6 +55,7 @@ RESUME_KEYS = (
     "model",
     "train.batch_size",
     "train.learning_rate",
+    "train.lr_decay",
     "train.precision",
     "train.shuffle_buffer",
 )
@@ -102,7 +103,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             merge_model = keras.saving.load_model(run_dir / state["checkpoint"], safe_mode=True)
         else:
             merge_model = _new_model(cfg, cache.features, train_rows, vocab.size)
-    checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, write=chief)
+    checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, cfg.train.lr_decay, write=chief)
     if cfg.train.strategy == "multiworker":
         distribute.fit_multiworker(
             strategy,
@@ -314,9 +315,12 @@ def _check_resumable(run_dir: Path, cfg: Config, paths: dict[str, Path]) -> None
 class RunCheckpoint(keras.callbacks.Callback):
     """After each epoch: checkpoint, history, best model and early stopping, via state.json."""
 
-    def __init__(self, run_dir: Path, state: dict, patience: int, write: bool = True):
+    def __init__(
+        self, run_dir: Path, state: dict, patience: int, lr_decay: float = 1.0, write: bool = True
+    ):
         super().__init__()
         self.run_dir, self.state, self.patience, self.write = run_dir, state, patience, write
+        self.lr_decay = lr_decay  # learning rate factor after an epoch without a better val_loss
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs, state = logs or {}, self.state
@@ -328,12 +332,22 @@ class RunCheckpoint(keras.callbacks.Callback):
                 "(try model.normalize_features=true); the run keeps its "
                 f"{state['epoch']} good epochs, start a new one with another --name"
             )
+        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+        optimizer = self.model.optimizer
+        learning_rate = float(optimizer.learning_rate)
+        if not improved and self.lr_decay < 1:  # before the checkpoint, so a resume has it too
+            optimizer.learning_rate = learning_rate * self.lr_decay
+            log(
+                f"val_loss did not improve: learning rate {learning_rate:.3g} -> "
+                f"{learning_rate * self.lr_decay:.3g}"
+            )
         state["epoch"] = epoch + 1
-        state["history"].append({"epoch": epoch + 1, "loss": loss, "val_loss": val_loss})
+        state["history"].append(
+            {"epoch": epoch + 1, "loss": loss, "val_loss": val_loss, "learning_rate": learning_rate}
+        )
         state["checkpoint"] = f"checkpoints/epoch-{epoch + 1:04d}.keras"
         if self.write:
             _save_atomic(self.model, self.run_dir / state["checkpoint"])
-        improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
         if improved:
             state.update(
                 best_val_loss=val_loss,
