@@ -106,9 +106,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    beam: int = 3  # 1 = greedy
-    length_penalty: float = 0.0  # score / length**alpha; 0 = plain log-probability
-    no_repeat_ngram: int = 0  # block repeated n-grams of this size; 0 = off
+    # Chosen on real Flickr8k dev (README, "Defaults"): beam 5 scored higher than 3 on every
+    # metric; length**0.7 brought the mean length from 9.4 to 10.2 words (references: 10.9)
+    # and CIDEr-D up; blocking repeated trigrams ends the rare "a blue shirt and a blue shirt".
+    beam: int = 5  # 1 = greedy
+    length_penalty: float = 0.7  # score / length**alpha; 0 = plain log-probability
+    no_repeat_ngram: int = 3  # block repeated n-grams of this size; 0 = off
     max_length: int = 0  # 0 = the tokenizer's max_length
 
 
