@@ -50,14 +50,14 @@ def test_folders_expand_to_their_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_fixtures, capsys, monkeypatch):
+def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, monkeypatch):
     from captioner import evaluate, features
 
-    images = sorted((flickr8k_fixtures / "Flicker8k_Dataset").glob("*.jpg"))
+    images = sorted((flickr8k_like / "Flicker8k_Dataset").glob("*.jpg"))[:24]  # as write_run
     encoder = features.build_encoder(ENCODER, "none", "float32", seed=0)
     cached, ok, failures = encoder.encode_files(images, batch_size=8)
     assert len(ok) == 24 and not failures
-    run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_fixtures, features=cached)
+    run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_like, features=cached)
     second = run_dir.with_name("second")
     shutil.copytree(run_dir, second)
 

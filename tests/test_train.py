@@ -44,11 +44,11 @@ def mini_config(root: Path, **dotted):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, flickr8k_fixtures):
+def trained(tmp_path_factory, flickr8k_like):
     """One tiny run on a hand-made 7-dim feature cache (the last image has no feature row)."""
     root = tmp_path_factory.mktemp("train")
     cfg = mini_config(root, **{"train.name": "a", "features.encoder": "handmade"})
-    write_dataset(cfg, flickr8k_fixtures, SIZES, dim=7, drop=1)
+    write_dataset(cfg, flickr8k_like, SIZES, dim=7, drop=1)
     return cfg, train.train(cfg)
 
 
@@ -213,9 +213,9 @@ def captioner_cli(*args: str, env: dict | None = None, code: str = "") -> subpro
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_fixtures):
+def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_like):
     cfg = mini_config(tmp_path, **{"features.encoder": "handmade"})
-    write_dataset(cfg, flickr8k_fixtures, SIZES, dim=7)
+    write_dataset(cfg, flickr8k_like, SIZES, dim=7)
     args = run_args(cfg, "k", epochs=4)
     run_dir = Path(cfg.train.runs_dir) / "k"
     process = captioner_cli(*args)
