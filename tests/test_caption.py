@@ -153,3 +153,58 @@ def test_train_evaluate_caption_through_the_cli(tmp_path, monkeypatch):
     assert result.stdout.startswith(f"{image}\ttiny\t") and len(result.stdout.splitlines()) == 1
     assert "using the latest finished run runs/tiny" in result.stderr
     assert "missing.jpg: missing: no such file" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_folder_streams_chunk_by_chunk_with_progress_on_stderr(
+    tmp_path, tiny_config, flickr8k_like, monkeypatch
+):
+    """Each chunk's captions reach stdout (flushed) before the next chunk is encoded; stdout
+    holds nothing but results, the progress bar and failures go to stderr."""
+    import io
+    import sys
+
+    run_dir, _ = write_run(tmp_path, tiny_config, flickr8k_like)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    copy = sorted((flickr8k_like / "Flicker8k_Dataset").glob("*.jpg"))[:9]
+    for image in copy:
+        shutil.copy(image, folder)
+    (folder / "broken.jpg").write_text("not an image")  # sorted first: in the first chunk
+    monkeypatch.setattr(caption, "STREAM_CHUNK", 4)
+
+    encoded: list[int] = []  # images encoded so far, one entry per encode call
+    run = caption.load_run(run_dir)
+    encode_files = run.encoder.encode_files
+
+    def counting(paths, batch_size=16):
+        encoded.append(len(paths))
+        return encode_files(paths, batch_size=batch_size)
+
+    monkeypatch.setattr(run.encoder, "encode_files", counting)
+    monkeypatch.setattr(caption, "load_run", lambda *a, **k: run)
+
+    class Recorder(io.StringIO):
+        """stdout that notes, at each flush, how many images had been encoded."""
+
+        def __init__(self):
+            super().__init__()
+            self.flushes: list[tuple[int, int]] = []  # (encode calls so far, lines so far)
+
+        def flush(self):
+            self.flushes.append((len(encoded), self.getvalue().count("\n")))
+
+    stdout, stderr = Recorder(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert caption.caption_command([str(folder)], [str(run_dir)], beam=1) == 1
+
+    # 10 files in chunks of 4 (the broken one fails): 3, 7, 9 lines, each flushed when done
+    assert encoded == [4, 4, 2]
+    assert [f for f in stdout.flushes if f[1]] == [(1, 3), (2, 7), (3, 9)]
+    lines = [line.split("\t") for line in stdout.getvalue().splitlines()]
+    assert [path for path, _, _ in lines] == [str(folder / p.name) for p in copy]
+    assert all(model == "tiny" and text for _, model, text in lines)
+    err = stderr.getvalue()
+    assert "captioning" in err and "10/10" in err  # the tqdm bar
+    assert f"{folder / 'broken.jpg'}: not an image" in err
