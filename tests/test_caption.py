@@ -138,9 +138,22 @@ def test_train_evaluate_caption_through_the_cli(tmp_path, monkeypatch):
     ]
     result = runner.invoke(main, ["train", *tiny, "--name", "tiny"])
     assert result.exit_code == 0, result.output
+    card = Path("runs/tiny/README.md").read_text()  # the model card of a finished run
+    assert "| dataset | demo, split official |" in card and "Not evaluated yet" in card
+    assert "| encoder | mobilenetv3small (weights none), 576-d features" in card
 
     result = runner.invoke(main, ["evaluate", "--run", "runs/tiny", "--split", "test"])
     assert result.exit_code == 0, result.output
+    card = Path("runs/tiny/README.md").read_text()  # rewritten with the evaluation
+    bleu4 = json.loads(Path("runs/tiny/metrics.json").read_text())["metrics"]["bleu4"]
+    assert "Not evaluated yet" not in card and "| test | 3 | 6 | " in card
+    assert f" {bleu4:.3f} " in card and "## Sample captions" in card
+    assert "captioner caption photo.jpg --model runs/tiny" in card
+    listed = runner.invoke(main, ["runs", "--json"])
+    assert listed.exit_code == 0, listed.output
+    (row,) = json.loads(listed.stdout)
+    assert (row["name"], row["status"], row["epoch"], row["epochs"]) == ("tiny", "finished", 1, 1)
+    assert [(e["split"], e["beam"], e["bleu4"]) for e in row["evaluations"]] == [("test", 3, bleu4)]
     assert "runs/tiny: split test, 6 images, beam 3" in result.stdout
     assert "note: METEOR skipped: no `java` on PATH" in result.stdout
     assert result.stdout.strip().endswith("runs/tiny/metrics.json")

@@ -121,6 +121,8 @@ def test_cli_json_and_sort(runs_dir):
         "cider_d": 0.6789,
         "file": "metrics.json",
         "created": "2026-12-01T10:00",
+        "images": 6,
+        "scores": {"bleu1": 0.5, "bleu4": 0.2345, "cider_d": 0.6789, "rouge_l": 0.4},
     }
     assert by_name["c-corrupt"]["status"] == "broken" and by_name["c-corrupt"]["problem"]
 

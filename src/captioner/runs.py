@@ -35,7 +35,7 @@ SORT_COLUMNS = {
 
 @dataclass
 class Evaluation:
-    """One evaluation of a run: where it was scored, how it decoded, its headline scores."""
+    """One evaluation of a run: where it was scored, how it decoded, its scores."""
 
     split: str
     beam: int | None
@@ -43,6 +43,8 @@ class Evaluation:
     cider_d: float | None
     file: str
     created: str = ""
+    images: int | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # every finite score by key
 
 
 @dataclass
@@ -123,6 +125,8 @@ def read_evaluations(run_dir: Path) -> list[Evaluation]:
                 cider_d=_number(scores.get("cider_d")),
                 file=path.name,
                 created=str(stored.get("created", "")),
+                images=_integer(stored.get("images")),
+                scores={k: v for k, v in scores.items() if _number(v) is not None},
             )
         )
     return sorted(found, key=lambda e: (e.created, e.file))
