@@ -153,3 +153,19 @@ def test_cli_errors_and_empty_folder(tmp_path):
 def test_runs_help_has_an_example():
     result = CliRunner().invoke(main, ["runs", "--help"])
     assert result.exit_code == 0 and "captioner runs --sort bleu4" in result.output
+
+
+def test_demo_summary_paragraph(runs_dir):
+    """`make demo` ends with scripts/demo_summary.py: where the run is, scores, caption, next."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from demo_summary import summary
+
+    run = runs_dir / "b-finished"
+    text = summary(run, "data/x.jpg\tb-finished\ta red circle on the left\n", seconds=201)
+    assert "\n" not in text and text.startswith(f"The demo run is in {run}/ (finished, 9/12")
+    assert "On the test split (6 images, beam 3) it scores BLEU-4 0.23, CIDEr-D 0.68." in text
+    assert 'The held-out image data/x.jpg was captioned "a red circle on the left".' in text
+    assert "make demo took 3 min 21 s" in text and f"cat {run}/README.md" in text
+    assert "captioner runs" in text and "tensorboard --logdir runs" in text
