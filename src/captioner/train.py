@@ -112,16 +112,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
             checkpoint,
         )
     else:
-        recorders = monitor.callbacks(run_dir, cfg, cache, vocab) if chief else []
-        _fit(
-            merge_model,
-            train_data,
-            dev_data,
-            cfg.train.epochs,
-            state["epoch"],
-            checkpoint,
-            recorders,
-        )
+        # after the checkpoint each epoch: TensorBoard logs, dev captions, clock (monitor.py)
+        callbacks = [checkpoint, *(monitor.callbacks(run_dir, cfg, cache, vocab) if chief else [])]
+        _fit(merge_model, train_data, dev_data, cfg.train.epochs, state["epoch"], callbacks)
     log(f"{run_dir}: best val_loss {state['best_val_loss']:.4f} at epoch {state['best_epoch']}")
     if chief and state["finished"]:
         log(f"model card {write_card(run_dir)}")
@@ -134,11 +127,9 @@ def _fit(
     dev_data,
     epochs: int,
     initial_epoch: int,
-    checkpoint: keras.callbacks.Callback,
-    recorders: list[keras.callbacks.Callback] = (),
+    callbacks: list[keras.callbacks.Callback],
 ) -> None:
-    """Keras fit with its progress bar on stderr (stdout carries only the result); `recorders`
-    (monitor.py: TensorBoard, dev captions, clock) run after the checkpoint each epoch."""
+    """Keras fit with its progress bar on stderr (stdout carries only the result)."""
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         # Bucketed batches have no known count, so Keras finds each epoch's end by running out
         # of data and warns about it; that end is expected here.
@@ -148,7 +139,7 @@ def _fit(
             validation_data=dev_data,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            callbacks=[checkpoint, *recorders],
+            callbacks=callbacks,
             shuffle=False,
             verbose=1 if sys.stderr.isatty() else 2,
         )
