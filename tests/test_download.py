@@ -20,7 +20,7 @@ from captioner import download
 from captioner.cli import main
 from captioner.errors import CaptionerError
 
-IMAGES = 5  # real fixture images put in the test archive
+IMAGES = 5  # fixture images put in the test archive
 
 
 class Server:
