@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := --dataset demo --data-dir data
+DEMO_START := $(shell date +%s)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lint format bench clean-demo
@@ -11,12 +12,17 @@ help:  ## List every target
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(BIN)/captioner: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	@touch $@
+	@echo "install: creating $(VENV) and installing captioner with the dev extra"
+	@echo "  (TensorFlow, Streamlit, Playwright...: about 3 GB, several minutes the first time)"
+	@start=$$(date +%s) \
+	&& echo "  $(PYTHON) -m venv $(VENV)" && $(PYTHON) -m venv $(VENV) \
+	&& echo "  pip install --upgrade pip" && $(BIN)/pip install --quiet --upgrade pip \
+	&& echo "  pip install -e '.[dev]'" && $(BIN)/pip install --quiet -e '.[dev]' \
+	&& touch $@ \
+	&& echo "install: done in $$(( $$(date +%s) - start )) s; $(BIN)/captioner is ready"
 
 install: $(BIN)/captioner  ## Create .venv and install captioner with the dev extra
+	@echo "install: $(VENV) is up to date with pyproject.toml"
 
 demo: install  ## Run the whole pipeline offline on the synthetic dataset and caption an image
 	$(BIN)/captioner download $(DEMO)
@@ -25,8 +31,11 @@ demo: install  ## Run the whole pipeline offline on the synthetic dataset and ca
 	$(BIN)/captioner tokenizer $(DEMO)
 	$(BIN)/captioner train $(DEMO) --name demo
 	$(BIN)/captioner evaluate --run runs/demo --split test
-	$(BIN)/captioner caption --model runs/demo \
-		"data/demo/raw/Flicker8k_Dataset/$$(head -n 1 data/demo/raw/Flickr8k_text/Flickr_8k.testImages.txt)"
+	@image="data/demo/raw/Flicker8k_Dataset/$$(head -n 1 data/demo/raw/Flickr8k_text/Flickr_8k.testImages.txt)" \
+	&& echo "$(BIN)/captioner caption --model runs/demo $$image" \
+	&& line="$$($(BIN)/captioner caption --model runs/demo "$$image")" \
+	&& echo "$$line" \
+	&& $(BIN)/python scripts/demo_summary.py runs/demo "$$line" $$(( $$(date +%s) - $(DEMO_START) ))
 
 test: install  ## Run the test suite (network-free)
 	$(BIN)/pytest -q

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 from bench_common import machine, matmul_peak_gflops, report
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flickr8k"
+# CAPTIONER_SHARED: the folder holding fixtures/ (default ../shared), as for the tests.
+SHARED = os.environ.get("CAPTIONER_SHARED", Path(__file__).resolve().parents[2] / "shared")
+FIXTURES = Path(SHARED, "fixtures", "flickr8k")
 
 
 def model_flops(model) -> int:

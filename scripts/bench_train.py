@@ -41,8 +41,10 @@ from bench_common import machine, matmul_peak_gflops, peak_rss_mb, report
 from captioner.io import log
 
 ROOT = Path(__file__).resolve().parents[1]
+# CAPTIONER_SHARED: the folder holding fixtures/ (default ../shared), as for the tests.
 FLICKR8K = Path(
-    os.environ.get("CAPTIONER_FIXTURES", ROOT.parent / "shared" / "fixtures"),
+    os.environ.get("CAPTIONER_SHARED", ROOT.parent / "shared"),
+    "fixtures",
     "flickr8k",
     "Flickr8k_text",
 )

@@ -1,4 +1,9 @@
-"""Shared test fixtures: paths to the real Flickr8k fixture files and tiny configs."""
+"""Shared test fixtures: Flickr8k-layout files (synthetic everywhere, real when beside us), tiny
+configs.
+
+Tests needing the real Flickr8k files read them from $CAPTIONER_SHARED/fixtures/flickr8k
+(default: ../shared beside the repository) and skip, saying so, where they are absent.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,33 @@ import os
 from pathlib import Path
 
 import pytest
+from tinydata import write_flickr8k_like
 
 from captioner.config import Config, load_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-FIXTURES = Path(
-    os.environ.get(
-        "CAPTIONER_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-    )
-)
-FLICKR8K = FIXTURES / "flickr8k"
+# The one convention (scripts/bench_*.py use it too): CAPTIONER_SHARED holds fixtures/ and
+# real-flickr8k/; by default the ../shared folder beside the repository.
+SHARED = Path(os.environ.get("CAPTIONER_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+FLICKR8K = SHARED / "fixtures" / "flickr8k"
 
 
 @pytest.fixture(scope="session")
 def flickr8k_fixtures() -> Path:
-    """../shared/fixtures/flickr8k: real caption files, official splits and 24 real images."""
+    """$CAPTIONER_SHARED/fixtures/flickr8k: real caption files, official splits, 24 real images."""
     if not (FLICKR8K / "Flickr8k_text" / "Flickr8k.token.txt").is_file():
-        pytest.fail(f"fixtures not found at {FLICKR8K}; set CAPTIONER_FIXTURES")
+        pytest.skip(
+            f"needs the real Flickr8k fixtures, not found at {FLICKR8K}: "
+            "set CAPTIONER_SHARED=DIR with DIR/fixtures/flickr8k (see tests/conftest.py)"
+        )
     return FLICKR8K
+
+
+@pytest.fixture(scope="session")
+def flickr8k_like(tmp_path_factory) -> Path:
+    """A synthetic folder in the fixtures' layout (tinydata.LIKE_SIZES images), made anywhere."""
+    return write_flickr8k_like(tmp_path_factory.mktemp("flickr8k-like"))
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The web page's logic with Streamlit's AppTest (no browser), on two tiny random-weight runs.
 
-`make_run` builds a run directory as `captioner train` leaves it (config.json, vocab.json from real
-Flickr8k captions, features_meta.json naming a random-weight MobileNetV3Small, model.keras,
+`make_run` builds a run directory as `captioner train` leaves it (config.json, vocab.json from
+Flickr8k-layout captions, features_meta.json naming a random-weight MobileNetV3Small, model.keras,
 state.json); tests/browser/ reuses it.
 """
 
@@ -24,7 +24,7 @@ from captioner.text import normalize
 from captioner.tokenizer import Vocabulary
 
 APP_FILE = Path(app.__file__)
-FIXTURE_IMAGES = ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg"]
+FIXTURE_IMAGES = ["demo_00000.jpg", "demo_00001.jpg"]  # of the flickr8k_like folder
 ENCODER = {"encoder": "mobilenetv3small", "weights": "none", "dim": 576}
 
 
@@ -96,13 +96,13 @@ def captions_of(runs: tuple[Path, ...], image: Path) -> dict[tuple[str, int], st
 # Fixtures shared with tests/browser/ (its conftest imports them); the caches above make both
 # directories use one set of runs.
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, flickr8k_fixtures) -> list[Path]:
-    return list(built_runs(tmp_path_factory.getbasetemp() / "app-runs", flickr8k_fixtures))
+def runs(tmp_path_factory, flickr8k_like) -> list[Path]:
+    return list(built_runs(tmp_path_factory.getbasetemp() / "app-runs", flickr8k_like))
 
 
 @pytest.fixture(scope="session")
-def expected(runs, flickr8k_fixtures) -> dict[tuple[str, int], str]:
-    return captions_of(tuple(runs), flickr8k_fixtures / "Flicker8k_Dataset" / FIXTURE_IMAGES[0])
+def expected(runs, flickr8k_like) -> dict[tuple[str, int], str]:
+    return captions_of(tuple(runs), flickr8k_like / "Flicker8k_Dataset" / FIXTURE_IMAGES[0])
 
 
 @pytest.fixture
@@ -143,29 +143,29 @@ def test_streamlit_command_serves_this_page_headless():
     assert "127.0.0.1" in command and "8765" in command and "true" in command
 
 
-def test_open_image_rejects_non_images_with_a_readable_message(flickr8k_fixtures, monkeypatch):
+def test_open_image_rejects_non_images_with_a_readable_message(flickr8k_like, monkeypatch):
     with pytest.raises(CaptionerError, match=r"^notes\.png: not a readable image .*; upload a "):
         app.open_image(b"hello, not an image", "notes.png")
-    photo = (flickr8k_fixtures / "Flicker8k_Dataset" / FIXTURE_IMAGES[0]).read_bytes()
+    photo = (flickr8k_like / "Flicker8k_Dataset" / FIXTURE_IMAGES[0]).read_bytes()
     assert app.open_image(photo, "photo.jpg").mode == "RGB"
     monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 1000)  # the photo now counts as a bomb
     with pytest.raises(CaptionerError, match=r"^photo\.jpg: not a readable image"):
         app.open_image(photo, "photo.jpg")
 
 
-def test_example_images_from_a_folder(flickr8k_fixtures, runs):
-    folder = flickr8k_fixtures / "Flicker8k_Dataset"
+def test_example_images_from_a_folder(flickr8k_like, runs):
+    folder = flickr8k_like / "Flicker8k_Dataset"
     examples = app.example_images(runs, str(folder), limit=3)
     assert [p.name for p in examples] == sorted(p.name for p in folder.glob("*.jpg"))[:3]
     assert app.example_images(runs) == []  # the tiny runs' datasets have no captions.csv here
 
 
-def test_example_images_default_to_the_runs_test_split(tmp_path, tiny_config, flickr8k_fixtures):
+def test_example_images_default_to_the_runs_test_split(tmp_path, tiny_config, flickr8k_like):
     import pandas as pd
 
     cfg = tiny_config("mine")
     write_json(tmp_path / "run" / "config.json", cfg.to_dict())
-    folder = flickr8k_fixtures / "Flicker8k_Dataset"
+    folder = flickr8k_like / "Flicker8k_Dataset"
     names = sorted(p.name for p in folder.glob("*.jpg"))[:3] + ["missing.jpg"]
     cfg.dataset_dir.mkdir(parents=True)
     pd.DataFrame(
@@ -194,7 +194,7 @@ def test_app_command_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_page_shows_every_models_caption_side_by_side(
-    page, runs, expected, flickr8k_fixtures, monkeypatch
+    page, runs, expected, flickr8k_like, monkeypatch
 ):
     import streamlit as st
 
@@ -212,7 +212,7 @@ def test_page_shows_every_models_caption_side_by_side(
     page.run()
     assert not page.exception and not page.error
     assert "Upload an image" in page.info[0].value
-    upload(page, flickr8k_fixtures / "Flicker8k_Dataset" / FIXTURE_IMAGES[0])
+    upload(page, flickr8k_like / "Flicker8k_Dataset" / FIXTURE_IMAGES[0])
     page.run()
     assert not page.exception and not page.error
     assert [h.value for h in page.subheader] == [app.model_name(r) for r in runs]
@@ -222,17 +222,17 @@ def test_page_shows_every_models_caption_side_by_side(
     timings = [c.value for c in page.caption]
     assert len([t for t in timings if t.startswith("beam 3, ") and t.endswith(" s")]) == 2
 
-    upload(page, flickr8k_fixtures / "Flicker8k_Dataset" / FIXTURE_IMAGES[1])
+    upload(page, flickr8k_like / "Flicker8k_Dataset" / FIXTURE_IMAGES[1])
     page.run()
     assert not page.exception and len(page.subheader) == 2
     assert len(loads) == len(runs)  # models load once, not per upload
 
 
 @pytest.mark.slow
-def test_page_greedy_choice_gives_greedy_captions(page, runs, expected, flickr8k_fixtures):
+def test_page_greedy_choice_gives_greedy_captions(page, runs, expected, flickr8k_like):
     page.run()
     page.sidebar.radio[0].set_value("greedy")
-    upload(page, flickr8k_fixtures / "Flicker8k_Dataset" / FIXTURE_IMAGES[0])
+    upload(page, flickr8k_like / "Flicker8k_Dataset" / FIXTURE_IMAGES[0])
     page.run()
     assert not page.exception and not page.sidebar.slider  # no beam width for greedy
     shown = [m.value for m in page.markdown]
@@ -251,8 +251,8 @@ def test_page_bad_upload_is_a_message_not_a_traceback(page):
 
 
 @pytest.mark.slow
-def test_page_example_picker(page, flickr8k_fixtures, monkeypatch):
-    monkeypatch.setenv(app.EXAMPLES_ENV, str(flickr8k_fixtures / "Flicker8k_Dataset"))
+def test_page_example_picker(page, flickr8k_like, monkeypatch):
+    monkeypatch.setenv(app.EXAMPLES_ENV, str(flickr8k_like / "Flicker8k_Dataset"))
     page.run()
     picker = page.selectbox[0]
     assert len(picker.options) == app.MAX_EXAMPLES

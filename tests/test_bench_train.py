@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 @pytest.mark.slow
-def test_quick_training_benchmark_runs_end_to_end(capsys):
+def test_quick_training_benchmark_runs_end_to_end(capsys, flickr8k_fixtures, monkeypatch):
     import bench_train
 
+    monkeypatch.setattr(bench_train, "FLICKR8K", flickr8k_fixtures / "Flickr8k_text")
     result = bench_train.main(
         ["--quick", "--json", "--images", "8", "--reference-batches", "1", "--rss-images", "8"]
     )

@@ -50,14 +50,14 @@ def test_folders_expand_to_their_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_fixtures, capsys, monkeypatch):
+def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, monkeypatch):
     from captioner import evaluate, features
 
-    images = sorted((flickr8k_fixtures / "Flicker8k_Dataset").glob("*.jpg"))
+    images = sorted((flickr8k_like / "Flicker8k_Dataset").glob("*.jpg"))[:24]  # as write_run
     encoder = features.build_encoder(ENCODER, "none", "float32", seed=0)
     cached, ok, failures = encoder.encode_files(images, batch_size=8)
     assert len(ok) == 24 and not failures
-    run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_fixtures, features=cached)
+    run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_like, features=cached)
     second = run_dir.with_name("second")
     shutil.copytree(run_dir, second)
 
@@ -138,9 +138,22 @@ def test_train_evaluate_caption_through_the_cli(tmp_path, monkeypatch):
     ]
     result = runner.invoke(main, ["train", *tiny, "--name", "tiny"])
     assert result.exit_code == 0, result.output
+    card = Path("runs/tiny/README.md").read_text()  # the model card of a finished run
+    assert "| dataset | demo, split official |" in card and "Not evaluated yet" in card
+    assert "| encoder | mobilenetv3small (weights none), 576-d features" in card
 
     result = runner.invoke(main, ["evaluate", "--run", "runs/tiny", "--split", "test"])
     assert result.exit_code == 0, result.output
+    card = Path("runs/tiny/README.md").read_text()  # rewritten with the evaluation
+    bleu4 = json.loads(Path("runs/tiny/metrics.json").read_text())["metrics"]["bleu4"]
+    assert "Not evaluated yet" not in card and "| test | 3 | 6 | " in card
+    assert f" {bleu4:.3f} " in card and "## Sample captions" in card
+    assert "captioner caption photo.jpg --model runs/tiny" in card
+    listed = runner.invoke(main, ["runs", "--json"])
+    assert listed.exit_code == 0, listed.output
+    (row,) = json.loads(listed.stdout)
+    assert (row["name"], row["status"], row["epoch"], row["epochs"]) == ("tiny", "finished", 1, 1)
+    assert [(e["split"], e["beam"], e["bleu4"]) for e in row["evaluations"]] == [("test", 3, bleu4)]
     assert "runs/tiny: split test, 6 images, beam 3" in result.stdout
     assert "note: METEOR skipped: no `java` on PATH" in result.stdout
     assert result.stdout.strip().endswith("runs/tiny/metrics.json")
@@ -153,3 +166,58 @@ def test_train_evaluate_caption_through_the_cli(tmp_path, monkeypatch):
     assert result.stdout.startswith(f"{image}\ttiny\t") and len(result.stdout.splitlines()) == 1
     assert "using the latest finished run runs/tiny" in result.stderr
     assert "missing.jpg: missing: no such file" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_folder_streams_chunk_by_chunk_with_progress_on_stderr(
+    tmp_path, tiny_config, flickr8k_like, monkeypatch
+):
+    """Each chunk's captions reach stdout (flushed) before the next chunk is encoded; stdout
+    holds nothing but results, the progress bar and failures go to stderr."""
+    import io
+    import sys
+
+    run_dir, _ = write_run(tmp_path, tiny_config, flickr8k_like)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    copy = sorted((flickr8k_like / "Flicker8k_Dataset").glob("*.jpg"))[:9]
+    for image in copy:
+        shutil.copy(image, folder)
+    (folder / "broken.jpg").write_text("not an image")  # sorted first: in the first chunk
+    monkeypatch.setattr(caption, "STREAM_CHUNK", 4)
+
+    encoded: list[int] = []  # images encoded so far, one entry per encode call
+    run = caption.load_run(run_dir)
+    encode_files = run.encoder.encode_files
+
+    def counting(paths, batch_size=16):
+        encoded.append(len(paths))
+        return encode_files(paths, batch_size=batch_size)
+
+    monkeypatch.setattr(run.encoder, "encode_files", counting)
+    monkeypatch.setattr(caption, "load_run", lambda *a, **k: run)
+
+    class Recorder(io.StringIO):
+        """stdout that notes, at each flush, how many images had been encoded."""
+
+        def __init__(self):
+            super().__init__()
+            self.flushes: list[tuple[int, int]] = []  # (encode calls so far, lines so far)
+
+        def flush(self):
+            self.flushes.append((len(encoded), self.getvalue().count("\n")))
+
+    stdout, stderr = Recorder(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert caption.caption_command([str(folder)], [str(run_dir)], beam=1) == 1
+
+    # 10 files in chunks of 4 (the broken one fails): 3, 7, 9 lines, each flushed when done
+    assert encoded == [4, 4, 2]
+    assert [f for f in stdout.flushes if f[1]] == [(1, 3), (2, 7), (3, 9)]
+    lines = [line.split("\t") for line in stdout.getvalue().splitlines()]
+    assert [path for path, _, _ in lines] == [str(folder / p.name) for p in copy]
+    assert all(model == "tiny" and text for _, model, text in lines)
+    err = stderr.getvalue()
+    assert "captioning" in err and "10/10" in err  # the tqdm bar
+    assert f"{folder / 'broken.jpg'}: not an image" in err

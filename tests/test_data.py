@@ -106,9 +106,9 @@ def test_feature_stats_floor_dead_dimensions():
     assert standardised < 100
 
 
-def test_encode_split_skips_captions_without_features(tiny_config, flickr8k_fixtures, capsys):
+def test_encode_split_skips_captions_without_features(tiny_config, flickr8k_like, capsys):
     cfg = tiny_config("mini")
-    frame = write_dataset(cfg, flickr8k_fixtures, {"train": 6, "dev": 2}, dim=7, drop=2)
+    frame = write_dataset(cfg, flickr8k_like, {"train": 6, "dev": 2}, dim=7, drop=2)
     vocab = Vocabulary.from_captions(frame["caption"], min_count=1)
     ids = (cfg.features_dir / "ids.txt").read_text().split()
     train = data.read_split(cfg, "train")

@@ -20,7 +20,7 @@ from captioner import download
 from captioner.cli import main
 from captioner.errors import CaptionerError
 
-IMAGES = 5  # real fixture images put in the test archive
+IMAGES = 5  # fixture images put in the test archive
 
 
 class Server:
@@ -85,14 +85,14 @@ def md5(data: bytes) -> str:
 
 
 @pytest.fixture
-def flickr8k_archives(flickr8k_fixtures: Path) -> dict[str, bytes]:
+def flickr8k_archives(flickr8k_like: Path) -> dict[str, bytes]:
     """Flickr8k's two archives in their real layout: a few real images plus macOS junk, and the
     real text files as loose entries (as Flickr8k_text.zip holds them)."""
-    images = sorted((flickr8k_fixtures / "Flicker8k_Dataset").glob("*.jpg"))[:IMAGES]
+    images = sorted((flickr8k_like / "Flicker8k_Dataset").glob("*.jpg"))[:IMAGES]
     dataset = {f"Flicker8k_Dataset/{p.name}": p.read_bytes() for p in images}
     dataset["__MACOSX/Flicker8k_Dataset/._" + images[0].name] = b"junk"
     dataset["Flicker8k_Dataset/._" + images[1].name] = b"junk"
-    text = {p.name: p.read_bytes() for p in (flickr8k_fixtures / "Flickr8k_text").glob("*.txt")}
+    text = {p.name: p.read_bytes() for p in (flickr8k_like / "Flickr8k_text").glob("*.txt")}
     karpathy = {
         "images": [
             {
@@ -125,7 +125,7 @@ def flickr8k_config(tiny_config, server: Server, archives: dict[str, bytes], **d
 
 
 def test_download_extracts_the_flickr8k_layout_then_reuses_it(
-    tiny_config, server, flickr8k_archives, flickr8k_fixtures, capsys
+    tiny_config, server, flickr8k_archives, flickr8k_like, capsys
 ):
     server.files.update(flickr8k_archives)
     cfg = flickr8k_config(tiny_config, server, flickr8k_archives)
@@ -135,7 +135,7 @@ def test_download_extracts_the_flickr8k_layout_then_reuses_it(
     assert len(list((raw / "Flicker8k_Dataset").glob("*.jpg"))) == IMAGES
     assert not list(raw.rglob("._*")) and not (raw / "__MACOSX").exists()  # junk skipped
     token = raw / "Flickr8k_text" / "Flickr8k.token.txt"  # loose files got their folder
-    real = flickr8k_fixtures / "Flickr8k_text" / "Flickr8k.token.txt"
+    real = flickr8k_like / "Flickr8k_text" / "Flickr8k.token.txt"
     assert token.read_bytes() == real.read_bytes()
     assert (raw / ".Flickr8k_Dataset.zip.extracted").is_file()
     assert json.loads((raw / "dataset_flickr8k.json").read_text())["images"][0]["split"] == "train"

@@ -129,7 +129,7 @@ def test_meteor_with_java():
 
 def write_run(tmp_path: Path, tiny_config, fixtures: Path, features: np.ndarray | None = None):
     """Dataset (captions.csv, captions.json, feature cache) and a finished run with a tiny random
-    model, from the 24 real fixture images: 14 train, 4 dev, 6 test. Returns (run_dir, cfg)."""
+    model, from the first 24 fixture images: 14 train, 4 dev, 6 test. Returns (run_dir, cfg)."""
     import keras
 
     from captioner.config import ModelConfig
@@ -148,7 +148,7 @@ def write_run(tmp_path: Path, tiny_config, fixtures: Path, features: np.ndarray 
         }
     )
     images_dir = fixtures / "Flicker8k_Dataset"
-    names = sorted(p.name for p in images_dir.glob("*.jpg"))
+    names = sorted(p.name for p in images_dir.glob("*.jpg"))[:24]
     captions = fixture_captions(fixtures)
     split = {
         name: "train" if i < 14 else "dev" if i < 18 else "test" for i, name in enumerate(names)
@@ -192,11 +192,11 @@ def write_run(tmp_path: Path, tiny_config, fixtures: Path, features: np.ndarray 
 
 
 @pytest.mark.slow
-def test_evaluate_writes_metrics_and_predictions(tmp_path, tiny_config, flickr8k_fixtures, capsys):
+def test_evaluate_writes_metrics_and_predictions(tmp_path, tiny_config, flickr8k_like, capsys):
     from captioner import decode, evaluate
     from captioner.caption import load_run
 
-    run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_fixtures)
+    run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_like)
     path = evaluate.evaluate(run_dir, split="test", with_meteor=False)
     result = json.loads(path.read_text())
     assert path == run_dir / "metrics.json"
@@ -234,11 +234,11 @@ def test_evaluate_writes_metrics_and_predictions(tmp_path, tiny_config, flickr8k
     assert (greedy["split"], greedy["images"], greedy["decoding"]["beam"]) == ("dev", 4, 1)
 
 
-def test_evaluate_refuses_bad_input(tmp_path, tiny_config, flickr8k_fixtures):
+def test_evaluate_refuses_bad_input(tmp_path, tiny_config, flickr8k_like):
     from captioner import evaluate
     from captioner.io import write_json
 
-    run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_fixtures)
+    run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_like)
     with pytest.raises(CaptionerError, match="no images in split 'val'.*dev, test, train"):
         evaluate.evaluate(run_dir, split="val", with_meteor=False)
     with pytest.raises(CaptionerError, match="--data-dir"):

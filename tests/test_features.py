@@ -79,12 +79,12 @@ def copy_images(paths: list[Path], folder: Path) -> list[str]:
 
 
 # --- decoding ------------------------------------------------------------------------------------
-def test_load_image_equals_keras_load_img(flickr8k_fixtures, tmp_path):
+def test_load_image_equals_keras_load_img(flickr8k_like, tmp_path):
     import keras
 
     from captioner.encoders import load_image
 
-    photos = fixture_images(flickr8k_fixtures, 3)
+    photos = fixture_images(flickr8k_like, 3)
     expected = write_bad_files(tmp_path, photos[0])
     convertible = [
         tmp_path / name for name, how in expected.items() if how == "ok" and name != "sixteen.png"
@@ -96,20 +96,20 @@ def test_load_image_equals_keras_load_img(flickr8k_fixtures, tmp_path):
         np.testing.assert_array_equal(ours, reference, err_msg=path.name)
 
 
-def test_16_bit_image_is_scaled_not_clipped(flickr8k_fixtures, tmp_path):
+def test_16_bit_image_is_scaled_not_clipped(flickr8k_like, tmp_path):
     from captioner.encoders import load_image
 
-    write_bad_files(tmp_path, fixture_images(flickr8k_fixtures, 1)[0])
+    write_bad_files(tmp_path, fixture_images(flickr8k_like, 1)[0])
     # Pillow's own convert("RGB") clips 16-bit values to 255; ours keeps the picture.
     np.testing.assert_array_equal(
         load_image(tmp_path / "sixteen.png"), load_image(tmp_path / "grey.png")
     )
 
 
-def test_bad_files_raise_bad_image_with_reason(flickr8k_fixtures, tmp_path, monkeypatch):
+def test_bad_files_raise_bad_image_with_reason(flickr8k_like, tmp_path, monkeypatch):
     from captioner.encoders import BadImage, load_image
 
-    expected = write_bad_files(tmp_path, fixture_images(flickr8k_fixtures, 1)[0])
+    expected = write_bad_files(tmp_path, fixture_images(flickr8k_like, 1)[0])
     expected["absent.jpg"] = "missing"
     for name, reason in expected.items():
         if reason != "ok":
@@ -147,10 +147,10 @@ def test_weights_from_file_missing_file_and_failed_download(tmp_path, monkeypatc
 
 
 def test_extract_lists_bad_images_and_reuses_finished_cache(
-    flickr8k_fixtures, tiny_config, tmp_path, capsys
+    flickr8k_like, tiny_config, tmp_path, capsys
 ):
     folder = tmp_path / "images"
-    photos = copy_images(fixture_images(flickr8k_fixtures, 4), folder)
+    photos = copy_images(fixture_images(flickr8k_like, 4), folder)
     expected = write_bad_files(folder, folder / photos[0])
     names = photos[:2] + list(expected) + ["absent.jpg"] + photos[2:]
     cfg = tiny_config(
@@ -196,9 +196,9 @@ def test_extract_lists_bad_images_and_reuses_finished_cache(
 
 
 @pytest.mark.slow
-def test_merged_shards_equal_unsharded_run(flickr8k_fixtures, tiny_config, tmp_path):
-    folder = flickr8k_fixtures / "Flicker8k_Dataset"
-    names = [p.name for p in fixture_images(flickr8k_fixtures, 9)]
+def test_merged_shards_equal_unsharded_run(flickr8k_like, tiny_config, tmp_path):
+    folder = flickr8k_like / "Flicker8k_Dataset"
+    names = [p.name for p in fixture_images(flickr8k_like, 9)]
     names.insert(4, "absent.jpg")
     settings = {
         "features.encoder": SMALL,
@@ -273,12 +273,12 @@ def test_load_cache_accepts_drop_in_and_rejects_broken(tmp_path):
 
 
 @pytest.mark.slow
-def test_vgg16_equals_reference_loop_and_bfloat16_is_close(flickr8k_fixtures):
+def test_vgg16_equals_reference_loop_and_bfloat16_is_close(flickr8k_like):
     import keras
 
     from captioner import reference
 
-    paths = [str(p) for p in fixture_images(flickr8k_fixtures, 4)]
+    paths = [str(p) for p in fixture_images(flickr8k_like, 4)]
     encoder = features.build_encoder("vgg16", "none", precision="float32", seed=3)
     ours, ok, failures = encoder.encode_files(paths, batch_size=4)
     assert ok == paths and failures == [] and ours.shape == (4, 4096) and ours.dtype == np.float32
@@ -299,8 +299,8 @@ def test_vgg16_equals_reference_loop_and_bfloat16_is_close(flickr8k_fixtures):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_array(flickr8k_fixtures, tiny_config, tmp_path):
-    names = [p.name for p in fixture_images(flickr8k_fixtures, 12)]
+def test_killed_run_resumes_to_the_same_array(flickr8k_like, tiny_config, tmp_path):
+    names = [p.name for p in fixture_images(flickr8k_like, 12)]
     # seed 3 and auto precision: the in-process run reuses the encoder built by the test above
     settings = {
         "features.weights": "none",
@@ -309,7 +309,7 @@ def test_killed_run_resumes_to_the_same_array(flickr8k_fixtures, tiny_config, tm
         "seed": 3,
     }
     killed = tiny_config("mine", **settings, **{"data.data_dir": str(tmp_path / "killed")})
-    write_dataset(killed, names, flickr8k_fixtures / "Flicker8k_Dataset")
+    write_dataset(killed, names, flickr8k_like / "Flicker8k_Dataset")
     command = [
         sys.executable,
         "-m",
@@ -348,7 +348,7 @@ def test_killed_run_resumes_to_the_same_array(flickr8k_fixtures, tiny_config, tm
     assert "resuming" in resumed.stderr
 
     whole = tiny_config("mine", **settings)
-    write_dataset(whole, names, flickr8k_fixtures / "Flicker8k_Dataset")
+    write_dataset(whole, names, flickr8k_like / "Flicker8k_Dataset")
     expected = load_cache(features.extract(whole))
     result = load_cache(killed.features_dir)
     assert result.ids == expected.ids == names

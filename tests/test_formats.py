@@ -1,4 +1,5 @@
-"""Parsers of every caption format: real Flickr8k lines, and variants built from real captions."""
+"""Parsers of every caption format: real Flickr8k lines, and variants built from Flickr8k-layout
+captions (real or synthetic)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def test_token_file_real_lines_keep_names_and_captions(tmp_path, flickr8k_fixtur
     assert formats.is_image_name("1000268201_693b08cb0e.jpg") and formats.is_image_name("A.PNG")
 
 
-def test_malformed_and_unreadable_lines_are_numbered_the_rest_loads(tmp_path, flickr8k_fixtures):
-    good = [line.encode() for line in token_lines(flickr8k_fixtures)[:6]]
+def test_malformed_and_unreadable_lines_are_numbered_the_rest_loads(tmp_path, flickr8k_like):
+    good = [line.encode() for line in token_lines(flickr8k_like)[:6]]
     lines = good[:2] + [b"this line has no tab"] + good[2:3] + [b"1.jpg#0\tA caf\xe9 ."] + good[3:4]
     lines += [b"   "] + good[4:]  # a blank line is skipped, not malformed
     path = tmp_path / "Flickr8k.token.txt"
@@ -51,13 +52,13 @@ def test_malformed_and_unreadable_lines_are_numbered_the_rest_loads(tmp_path, fl
     source = formats.read_token_file(path)
     assert source.malformed == [3, 5]
     assert [caption for _, caption in source.records] == [
-        line.split("\t")[1] for line in token_lines(flickr8k_fixtures)[:6]
+        line.split("\t")[1] for line in token_lines(flickr8k_like)[:6]
     ]
 
 
-def test_unreadable_or_empty_files_are_one_line_errors(tmp_path, flickr8k_fixtures):
+def test_unreadable_or_empty_files_are_one_line_errors(tmp_path, flickr8k_like):
     utf16 = tmp_path / "Flickr8k.token.txt"
-    utf16.write_text("\n".join(token_lines(flickr8k_fixtures)[:5]), encoding="utf-16")
+    utf16.write_text("\n".join(token_lines(flickr8k_like)[:5]), encoding="utf-16")
     empty = tmp_path / "captions.txt"
     empty.write_text("image,caption\n", encoding="utf-8")
     for fmt, path, problem in [
@@ -86,8 +87,8 @@ def test_kaggle_captions_with_commas_quoted_or_not(tmp_path, flickr8k_fixtures):
     assert formats.detect_format(path) == "kaggle"
 
 
-def test_flickr30k_results_csv_and_its_broken_line(tmp_path, flickr8k_fixtures):
-    captions = real_captions(flickr8k_fixtures, 2)
+def test_flickr30k_results_csv_and_its_broken_line(tmp_path, flickr8k_like):
+    captions = real_captions(flickr8k_like, 2)
     lines = ["image_name| comment_number| comment"]
     lines += [f"{image}| {k}| {text}" for image, texts in captions for k, text in enumerate(texts)]
     lines.insert(4, f"{captions[0][0]}| 4 {captions[0][1][4]}")  # as line 19999 of the real file
@@ -103,8 +104,8 @@ def test_flickr30k_results_csv_and_its_broken_line(tmp_path, flickr8k_fixtures):
     assert formats.detect_format(renamed) == "flickr30k"
 
 
-def test_hugging_face_annotations_csv_gives_its_split(tmp_path, flickr8k_fixtures):
-    captions = real_captions(flickr8k_fixtures, 3)
+def test_hugging_face_annotations_csv_gives_its_split(tmp_path, flickr8k_like):
+    captions = real_captions(flickr8k_like, 3)
     path = tmp_path / "annotations.csv"
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -128,8 +129,8 @@ def test_hugging_face_annotations_csv_gives_its_split(tmp_path, flickr8k_fixture
     assert formats.detect_format(path) == "hf"
 
 
-def test_karpathy_json_maps_val_to_dev_and_restval_to_train(tmp_path, flickr8k_fixtures):
-    captions = real_captions(flickr8k_fixtures, 4)
+def test_karpathy_json_maps_val_to_dev_and_restval_to_train(tmp_path, flickr8k_like):
+    captions = real_captions(flickr8k_like, 4)
     splits = ["train", "val", "test", "restval"]
     images = [
         {
@@ -148,8 +149,8 @@ def test_karpathy_json_maps_val_to_dev_and_restval_to_train(tmp_path, flickr8k_f
     assert len(source.records) == 20 and source.records[5] == (captions[1][0], captions[1][1][0])
 
 
-def test_coco_json_and_an_annotation_of_an_unknown_image(tmp_path, flickr8k_fixtures):
-    captions = real_captions(flickr8k_fixtures, 2)
+def test_coco_json_and_an_annotation_of_an_unknown_image(tmp_path, flickr8k_like):
+    captions = real_captions(flickr8k_like, 2)
     data = {
         "images": [{"id": 10 + i, "file_name": image} for i, (image, _) in enumerate(captions)],
         "annotations": [
@@ -167,8 +168,8 @@ def test_coco_json_and_an_annotation_of_an_unknown_image(tmp_path, flickr8k_fixt
     assert source.records == [(image, text) for image, texts in captions for text in texts]
 
 
-def test_custom_csv_with_optional_split_column(tmp_path, flickr8k_fixtures):
-    (first, texts_a), (second, texts_b) = real_captions(flickr8k_fixtures, 2)
+def test_custom_csv_with_optional_split_column(tmp_path, flickr8k_like):
+    (first, texts_a), (second, texts_b) = real_captions(flickr8k_like, 2)
     path = tmp_path / "mine.csv"
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

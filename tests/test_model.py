@@ -23,10 +23,10 @@ SMALL = ModelConfig(units=32, embed_dim=16, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def captions(flickr8k_fixtures) -> tuple[Vocabulary, list[list[int]]]:
+def captions(flickr8k_like) -> tuple[Vocabulary, list[list[int]]]:
     """The vocabulary (no min count) and encoded captions of the first 40 training images."""
-    names = (flickr8k_fixtures / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text()
-    by_image = fixture_captions(flickr8k_fixtures)
+    names = (flickr8k_like / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text()
+    by_image = fixture_captions(flickr8k_like)
     texts = [normalize(raw) for name in names.split()[:40] for raw in by_image[name]]
     vocab = Vocabulary.from_captions(texts, min_count=1)
     return vocab, [vocab.encode(text) for text in texts]
@@ -92,7 +92,7 @@ def test_whole_caption_model_equals_the_reference_per_prefix_model(captions):
     reference = prefix_model.predict([np.array(features), np.array(prefixes)], verbose=0)
     assert reference.shape == (len(expected), vocab.size) and len(expected) > 50
     np.testing.assert_allclose(reference, np.array(expected), atol=1e-5)
-    assert np.abs(np.diff(reference, axis=0)).max() > 0.05  # the prefixes do matter
+    assert np.abs(np.diff(reference, axis=0)).max() > 0.01  # the prefixes matter: 1000 x atol
 
 
 def test_padding_does_not_change_the_loss(captions, small_model):

@@ -57,9 +57,9 @@ def test_length_cap_and_percentile(real_captions):
     assert median.max_length == lengths[len(lengths) // 2]
 
 
-def test_build_vocab_uses_train_split_only_and_is_reused(tiny_config, flickr8k_fixtures, capsys):
+def test_build_vocab_uses_train_split_only_and_is_reused(tiny_config, flickr8k_like, capsys):
     cfg = tiny_config("mini", **{"tokenizer.min_count": 1})
-    frame = write_captions(cfg, flickr8k_fixtures, SIZES)
+    frame = write_captions(cfg, flickr8k_like, SIZES)
     path = build_vocab(cfg)
     assert path == cfg.vocab_json
     vocab = Vocabulary.load(path)
@@ -74,16 +74,17 @@ def test_build_vocab_uses_train_split_only_and_is_reused(tiny_config, flickr8k_f
     assert build_vocab(cfg) == path
     assert "reusing" in capsys.readouterr().err and os.stat(path).st_mtime_ns == mtime
 
-    assert Vocabulary.load(build_vocab(tiny_config("mini"))).size < vocab.size  # min_count 5
-    write_captions(cfg, flickr8k_fixtures, {**SIZES, "train": 20})  # the captions changed
+    frequent = tiny_config("mini", **{"tokenizer.min_count": 100})  # another setting
+    assert Vocabulary.load(build_vocab(frequent)).size < vocab.size
+    write_captions(cfg, flickr8k_like, {**SIZES, "train": 1})  # the captions changed
     assert Vocabulary.load(build_vocab(cfg)).size < vocab.size
 
 
-def test_build_vocab_errors_are_one_line(tiny_config, flickr8k_fixtures, tmp_path):
+def test_build_vocab_errors_are_one_line(tiny_config, flickr8k_like, tmp_path):
     cfg = tiny_config("mini")
     with pytest.raises(CaptionerError, match="captions.csv: not found; run `captioner clean"):
         build_vocab(cfg)
-    write_captions(cfg, flickr8k_fixtures, {"dev": 3})
+    write_captions(cfg, flickr8k_like, {"dev": 3})
     with pytest.raises(CaptionerError, match="no captions in the train split"):
         build_vocab(cfg)
     broken = tmp_path / "vocab.json"

@@ -44,11 +44,11 @@ def mini_config(root: Path, **dotted):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, flickr8k_fixtures):
+def trained(tmp_path_factory, flickr8k_like):
     """One tiny run on a hand-made 7-dim feature cache (the last image has no feature row)."""
     root = tmp_path_factory.mktemp("train")
     cfg = mini_config(root, **{"train.name": "a", "features.encoder": "handmade"})
-    write_dataset(cfg, flickr8k_fixtures, SIZES, dim=7, drop=1)
+    write_dataset(cfg, flickr8k_like, SIZES, dim=7, drop=1)
     return cfg, train.train(cfg)
 
 
@@ -78,6 +78,50 @@ def test_run_directory_holds_everything_later_stages_need(trained):
     vocab = Vocabulary.load(run_dir / "vocab.json")
     logits = model({"features": np.zeros((3, 7), np.float32), "tokens": np.ones((3, 5), np.int32)})
     assert tuple(logits.shape) == (3, 5, vocab.size)
+
+
+def event_values(folder: Path) -> dict[str, list]:
+    """{tag: [(step, value)]} of every TensorBoard event file in folder (scalars as floats,
+    text as str)."""
+    from tensorflow.core.util import event_pb2
+
+    found: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                item = array.item() if array.size == 1 else array.tolist()
+                item = item.decode() if isinstance(item, bytes) else item
+                found.setdefault(value.tag, []).append((event.step, item))
+    return found
+
+
+@pytest.mark.slow  # trains the `trained` fixture's run
+def test_training_writes_tensorboard_logs_its_time_and_a_model_card(trained):
+    cfg, run_dir = trained
+    train_logs = event_values(run_dir / "logs" / "train")
+    dev_logs = event_values(run_dir / "logs" / "validation")
+    rows = history(run_dir)
+    assert [step for step, _ in train_logs["epoch_loss"]] == [0, 1]
+    assert [v for _, v in train_logs["epoch_loss"]] == pytest.approx(
+        [float(r["loss"]) for r in rows], rel=1e-5
+    )
+    assert [v for _, v in dev_logs["epoch_loss"]] == pytest.approx(
+        [float(r["val_loss"]) for r in rows], rel=1e-5
+    )
+    assert [v for _, v in train_logs["epoch_learning_rate"]] == pytest.approx([0.01, 0.01])
+    (step, table), *_ = dev_logs["dev_captions"]
+    assert step == 0 and len(dev_logs["dev_captions"]) == 2
+    assert table.startswith("| image | greedy caption | a reference |")
+    assert len(table.splitlines()) == 2 + 3  # header, rule, three dev images
+
+    timing = read_json(run_dir / "training.json")
+    assert timing["epochs_timed"] == 2 and timing["seconds"] > 0
+    assert timing["machine"]["cores"] == os.cpu_count() and "cpu" in timing["machine"]
+    card = (run_dir / "README.md").read_text()
+    assert card.startswith("# Model card: a\n") and "Not evaluated yet" in card
+    assert "| time | " in card and "over 2 epochs on" in card
 
 
 @pytest.mark.slow  # trains the `trained` fixture's run
@@ -229,9 +273,9 @@ def captioner_cli(*args: str, env: dict | None = None, code: str = "") -> subpro
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_fixtures):
+def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_like):
     cfg = mini_config(tmp_path, **{"features.encoder": "handmade"})
-    write_dataset(cfg, flickr8k_fixtures, SIZES, dim=7)
+    write_dataset(cfg, flickr8k_like, SIZES, dim=7)
     args = run_args(cfg, "k", epochs=4)
     run_dir = Path(cfg.train.runs_dir) / "k"
     process = captioner_cli(*args)

@@ -1,19 +1,22 @@
-"""Tiny datasets in the documented on-disk formats, built from the real Flickr8k caption fixtures.
+"""Tiny datasets in the documented on-disk formats, built from Flickr8k-layout caption files.
 
-Used by test_tokenizer/test_data/test_train: captions.csv + captions.json as `captioner clean`
-writes them and a features/<encoder>/ cache (features.npy, ids.txt, meta.json) as a hand-made
-cache dropped in from another model would be.
+`write_flickr8k_like` makes such files anywhere (the synthetic generator in Flickr8k's layout);
+the real Flickr8k fixtures have the same layout. Used by test_tokenizer/test_data/test_train:
+captions.csv + captions.json as `captioner clean` writes them and a features/<encoder>/ cache
+(features.npy, ids.txt, meta.json) as a hand-made cache dropped in from another model would be.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from captioner.config import Config
+from captioner import demo
+from captioner.config import Config, load_config
 from captioner.text import normalize
 
 SPLIT_FILES = {
@@ -21,6 +24,27 @@ SPLIT_FILES = {
     "dev": "Flickr_8k.devImages.txt",
     "test": "Flickr_8k.testImages.txt",
 }
+
+
+# Images per split of the Flickr8k-like folder: enough for every test that takes "the first N".
+LIKE_SIZES = {"train": 48, "dev": 12, "test": 12}
+
+
+def write_flickr8k_like(folder: Path) -> Path:
+    """folder/raw in Flickr8k's layout, made by the synthetic generator: Flicker8k_Dataset/ with
+    every image, Flickr8k_text/ (token file, official split lists) and Kaggle's captions.txt."""
+    settings = {f"demo.{split}_images": count for split, count in LIKE_SIZES.items()}
+    cfg = load_config(None, (), dataset="demo", **{"data.data_dir": str(folder), **settings})
+    raw = demo.generate(cfg)
+    token = (raw / "Flickr8k_text" / "Flickr8k.token.txt").read_text(encoding="utf-8")
+    with open(raw / "captions.txt", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["image", "caption"])
+        writer.writerows(
+            (key.rsplit("#", 1)[0], text)
+            for key, text in (line.split("\t", 1) for line in token.splitlines())
+        )
+    return raw
 
 
 def fixture_captions(fixtures: Path) -> dict[str, list[str]]:

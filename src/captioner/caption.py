@@ -25,6 +25,7 @@ from captioner.tokenizer import Vocabulary
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 RUN_FILES = ("config.json", "vocab.json", "features_meta.json", "model.keras")
 TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+STREAM_CHUNK = 64  # images captioned (and printed) at a time by `captioner caption`
 
 
 @dataclass
@@ -189,26 +190,62 @@ def caption_command(
     beam: int | None = None,
     as_json: bool = False,
 ) -> int:
-    """Print image<TAB>model<TAB>caption (or JSON lines) per image and model; return the
-    number of images (or folders without images) that failed, each also named on stderr."""
+    """Print image<TAB>model<TAB>caption (or JSON lines) per image and model, chunk by chunk as
+    they are made, with a progress bar on stderr; return the number of images (or folders without
+    images) that failed, each also named on stderr."""
+    from tqdm import tqdm
+
     if not runs:
         runs = [str(latest_run(runs_dir))]
         log(f"using the latest finished run {runs[0]} (choose with --model)")
     paths, empty_folders = expand_images(images)
     for folder, reason in empty_folders:
-        print(f"{folder}: {reason}", file=sys.stderr)
+        log(f"{folder}: {reason}")
     encoders: dict[tuple, Any] = {}
     loaded = [load_run(run, encoders=encoders) for run in dict.fromkeys(runs)]
-    captions: list[dict[str, str]] = []  # per run: {path: caption}
+    failed = 0
+    with tqdm(
+        total=len(paths), unit="img", desc="captioning", file=sys.stderr, dynamic_ncols=True
+    ) as progress:
+        for start in range(0, len(paths), STREAM_CHUNK):
+            chunk = paths[start : start + STREAM_CHUNK]
+            failed += _print_chunk(chunk, _caption_chunk(loaded, chunk, beam), loaded, as_json)
+            progress.update(len(chunk))
+    return failed + len(empty_folders)
+
+
+def _caption_chunk(
+    loaded: Sequence[LoadedRun], chunk: Sequence[str], beam: int | None
+) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """([{path: caption}] per run, {path: reason} of unreadable images); each image is encoded
+    once per distinct encoder, however many runs share it."""
+    encoded: dict[int, tuple[np.ndarray, list[str]]] = {}
     failed: dict[str, str] = {}
+    captions = []
     for run in loaded:
-        done, failures = run.caption_files(paths, beam)
-        captions.append(dict(done))
-        for path, reason in failures:
-            failed.setdefault(path, reason)
-    for path in paths:
+        if id(run.encoder) not in encoded:
+            features, ok, failures = run.encoder.encode_files(
+                chunk, batch_size=run.cfg.features.batch_size
+            )
+            encoded[id(run.encoder)] = (features, ok)
+            for path, reason in failures:
+                failed.setdefault(path, reason)
+        features, ok = encoded[id(run.encoder)]
+        captions.append(dict(zip(ok, run.caption_features(features, beam), strict=True)))
+    return captions, failed
+
+
+def _print_chunk(
+    chunk: Sequence[str],
+    results: tuple[list[dict[str, str]], dict[str, str]],
+    loaded: Sequence[LoadedRun],
+    as_json: bool,
+) -> int:
+    """Write one chunk's captions to stdout (flushed: a pipe sees them now); return failures."""
+    captions, failed = results
+    for path in chunk:
         if path in failed:
-            print(f"{tsv_field(path)}: {failed[path]}", file=sys.stderr)
+            log(f"{tsv_field(path)}: {failed[path]}")
             continue
         for run, by_path in zip(loaded, captions, strict=True):
             caption = by_path[path]
@@ -216,7 +253,8 @@ def caption_command(
                 print(json.dumps({"image": path, "model": run.name, "caption": caption}))
             else:
                 print("\t".join(tsv_field(text) for text in (path, run.name, caption)))
-    return len(failed) + len(empty_folders)
+    sys.stdout.flush()
+    return len(failed)
 
 
 def tsv_field(text: str) -> str:

@@ -19,6 +19,7 @@ import click
 from captioner import __version__
 from captioner.config import Config, load_config
 from captioner.errors import CaptionerError
+from captioner.runs import SORT_COLUMNS
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise on stderr for a CLI.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -323,6 +324,38 @@ def caption(
 
     failures = stage.caption_command(images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json)
     sys.exit(1 if failures else 0)
+
+
+@main.command()
+@click.option("--runs-dir", default="runs", show_default=True, help="Where the runs are.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--sort",
+    default="name",
+    show_default=True,
+    type=click.Choice(list(SORT_COLUMNS)),
+    help="Sort by this column (scores best first, others ascending).",
+)
+@_fail_cleanly
+def runs(runs_dir: str, as_json: bool, sort: str) -> None:
+    """List the runs side by side: settings, epochs, best dev loss, every evaluation's scores.
+
+    Broken or unfinished runs are listed as such; folders that are no runs are left out.
+
+    \b
+    Example:
+      captioner runs --sort bleu4
+      captioner runs --runs-dir runs --json
+    """
+    from captioner import runs as stage
+
+    summaries = stage.list_runs(Path(runs_dir), sort=sort)
+    if as_json:
+        click.echo(stage.format_json(summaries))
+    elif summaries:
+        click.echo(stage.format_table(summaries))
+    else:
+        click.echo(f"no runs in {runs_dir}; train one with `captioner train`", err=True)
 
 
 @main.command()

@@ -5,6 +5,7 @@ Writes into the run directory:
                     the decoding settings, the number of images, and the notebook-style BLEU
                     (start/end words counted) for comparison with the old approach
   predictions.csv   image, caption, references (joined by " | ")
+  README.md         the model card (card.py), rewritten with every evaluation
 and prints a small table on stdout. Features come from the dataset's feature cache, which must
 have been made by the encoder the run was trained on (features_meta.json).
 """
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from captioner import metrics
 from captioner.caption import LoadedRun, load_run
+from captioner.card import write_card
 from captioner.config import replace
 from captioner.errors import CaptionerError
 from captioner.io import atomic_write_bytes, log, read_json, write_json
@@ -60,6 +62,7 @@ def evaluate(
     if previous is not None:
         log(f"reusing {metrics_path}")
         print_table(previous)
+        log(f"model card {write_card(run_dir)}")
         return metrics_path
 
     references = split_references(run, split)
@@ -95,6 +98,7 @@ def evaluate(
     atomic_write_bytes(run_dir / "predictions.csv", table.to_csv(index=False).encode())
     write_json(metrics_path, result)  # last: its presence means a finished evaluation
     print_table(result)
+    log(f"model card {write_card(run_dir)}")  # rewritten with every evaluation
     return metrics_path
 
 

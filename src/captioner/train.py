@@ -6,6 +6,8 @@
       checkpoints/epoch-NNNN.keras   the last and the best epoch, each with its optimizer state
       model.keras         a copy of the best checkpoint (lowest validation loss)
       history.csv         epoch,loss,val_loss, rewritten from state.json
+      logs/ training.json TensorBoard logs, training time and machine (monitor.py)
+      README.md           the model card (card.py), once training has finished
 
 state.json = {"epoch", "epochs", "finished", "best_val_loss", "best_epoch", "wait" (epochs
 without improvement, for early stopping), "checkpoint", "best_checkpoint", "history"}. Every file
@@ -30,7 +32,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from captioner import data, distribute, model, pipeline
+from captioner import data, distribute, model, monitor, pipeline
+from captioner.card import write_card
 from captioner.config import Config
 from captioner.errors import CaptionerError
 from captioner.io import (
@@ -115,8 +118,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
             checkpoint,
         )
     else:
-        _fit(merge_model, train_data, dev_data, cfg.train.epochs, state["epoch"], checkpoint)
+        # after the checkpoint each epoch: TensorBoard logs, dev captions, clock (monitor.py)
+        callbacks = [checkpoint, *(monitor.callbacks(run_dir, cfg, cache, vocab) if chief else [])]
+        _fit(merge_model, train_data, dev_data, cfg.train.epochs, state["epoch"], callbacks)
     log(f"{run_dir}: best val_loss {state['best_val_loss']:.4f} at epoch {state['best_epoch']}")
+    if chief and state["finished"]:
+        log(f"model card {write_card(run_dir)}")
     return run_dir
 
 
@@ -126,7 +133,7 @@ def _fit(
     dev_data,
     epochs: int,
     initial_epoch: int,
-    checkpoint: keras.callbacks.Callback,
+    callbacks: list[keras.callbacks.Callback],
 ) -> None:
     """Keras fit with its progress bar on stderr (stdout carries only the result)."""
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
@@ -138,7 +145,7 @@ def _fit(
             validation_data=dev_data,
             epochs=epochs,
             initial_epoch=initial_epoch,
-            callbacks=[checkpoint],
+            callbacks=callbacks,
             shuffle=False,
             verbose=1 if sys.stderr.isatty() else 2,
         )

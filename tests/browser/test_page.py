@@ -82,9 +82,9 @@ def server(runs, tmp_path):
         log.close()
 
 
-def test_upload_shows_every_models_caption(server, runs, expected, flickr8k_fixtures):
+def test_upload_shows_every_models_caption(server, runs, expected, flickr8k_like):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    image = flickr8k_fixtures / "Flicker8k_Dataset" / "1000268201_693b08cb0e.jpg"
+    image = flickr8k_like / "Flicker8k_Dataset" / "demo_00000.jpg"
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)

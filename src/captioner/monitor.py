@@ -1,0 +1,163 @@
+"""What a training run records as it trains, besides its checkpoints (train.py):
+
+    runs/<name>/logs/train/        epoch_loss, epoch_learning_rate     (keras.callbacks.TensorBoard)
+    runs/<name>/logs/validation/   epoch_loss; dev_captions: a few dev images' greedy captions
+    runs/<name>/training.json      {"seconds", "epochs_timed", "machine"}: the model card's time
+
+`tensorboard --logdir runs` shows every run side by side. tensorboard is a dependency of its own:
+TensorFlow 2.21 no longer installs it, and tf.summary.scalar/text need it to write events.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from captioner import data
+from captioner.config import Config
+from captioner.io import log, read_json, write_json
+from captioner.model import image_vector, initial_state, step
+from captioner.text import END_ID, START_ID
+from captioner.tokenizer import Vocabulary
+
+LOG_DIR = "logs"
+TIMING_FILE = "training.json"
+SAMPLE_IMAGES = 3  # dev images captioned after every epoch (eagerly: well under a second)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # what decides CPU speed here
+
+
+def callbacks(run_dir: Path, cfg: Config, cache: Any, vocab: Vocabulary) -> list:
+    """TensorBoard logs, dev captions as text and the training clock, for `model.fit`."""
+    clock = TrainingClock(Path(run_dir) / TIMING_FILE)
+    if importlib.util.find_spec("tensorboard") is None:  # an environment installed before it
+        log("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        return [clock]
+    log_dir = Path(run_dir) / LOG_DIR
+    images, features, references = dev_samples(cfg, cache)
+    return [
+        keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0),
+        DevCaptions(log_dir / "validation", images, features, references, vocab),
+        clock,
+    ]
+
+
+def dev_samples(cfg: Config, cache: Any) -> tuple[list[str], np.ndarray, list[list[str]]]:
+    """The first SAMPLE_IMAGES dev images with features: names, features (N, D), references."""
+    frame = data.read_split(cfg, "dev")
+    references: dict[str, list[str]] = {}
+    for image, caption in zip(frame["image"], frame["caption"], strict=True):
+        if image in cache.row and (image in references or len(references) < SAMPLE_IMAGES):
+            references.setdefault(image, []).append(caption)
+    images = list(references)
+    rows = [cache.row[image] for image in images]
+    features = np.asarray(cache.features[rows], dtype=np.float32).reshape(len(rows), -1)
+    return images, features, [references[image] for image in images]
+
+
+def greedy_captions(model: keras.Model, features: np.ndarray, vocab: Vocabulary) -> list[str]:
+    """Greedy captions with the model's current weights, step by step in eager mode: slower per
+    word than decode.py's compiled loop, but needs no tracing, so it is cheap for a few images."""
+    with warnings.catch_warnings():
+        # The embedding's mask reaches the LSTM cell, which warns it drops it: one token has none.
+        warnings.filterwarnings("ignore", "Layer '.*_cell'.*does not support masking")
+        image = image_vector(model, features)  # (B, U)
+        state = initial_state(model, len(features))
+        tokens = np.full(len(features), START_ID, np.int32)
+        words = []
+        for _ in range(vocab.max_length):
+            logits, state = step(model, image, tokens, state)  # (B, V)
+            logits = keras.ops.convert_to_numpy(logits)
+            logits[:, :END_ID] = -np.inf  # never <pad>, <unk> or <start>
+            tokens = logits.argmax(axis=1).astype(np.int32)
+            words.append(tokens)
+    ids = np.stack(words, axis=1) if words else np.zeros((len(features), 0), np.int32)
+    return [vocab.decode(row.tolist()) for row in ids]  # decode stops at <end>
+
+
+class DevCaptions(keras.callbacks.Callback):
+    """After each epoch: the sample dev images' greedy captions as a TensorBoard text table."""
+
+    def __init__(self, log_dir, images, features, references, vocab: Vocabulary):
+        super().__init__()
+        self.log_dir, self.images, self.features = Path(log_dir), images, features
+        self.references, self.vocab = references, vocab
+        self._writer = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self.images:
+            return
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        try:
+            captions = greedy_captions(self.model, self.features, self.vocab)
+        except Exception as error:  # a model without the merge model's step: never stop training
+            log(f"dev captions for TensorBoard skipped: {type(error).__name__}: {error}")
+            self.images = []
+            return
+        rows = ["| image | greedy caption | a reference |", "|---|---|---|"]
+        rows += [
+            f"| {image} | {caption} | {refs[0]} |"
+            for image, caption, refs in zip(self.images, captions, self.references, strict=True)
+        ]
+        with self._writer.as_default():
+            tf.summary.text("dev_captions", "\n".join(rows), step=epoch)
+        self._writer.flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class TrainingClock(keras.callbacks.Callback):
+    """Adds each epoch's seconds to training.json (a resumed run keeps counting), with the
+    machine that trained it."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        record = {"seconds": 0.0, "epochs_timed": 0}
+        if self.path.is_file():
+            record.update(read_json(self.path))
+        record["seconds"] = round(record["seconds"] + time.perf_counter() - self._start, 3)
+        record["epochs_timed"] += 1
+        record["machine"] = machine()
+        write_json(self.path, record)
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, the CPU features that decide speed here, and any GPUs."""
+    import tensorflow as tf
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass  # not Linux: the platform's processor name only
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+        "gpus": [device.name for device in tf.config.list_physical_devices("GPU")],
+        "platform": platform.platform(),
+    }
