@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from loopback import Server
 
 from captioner.config import Config, load_config
 
@@ -37,3 +38,11 @@ def tiny_config(tmp_path: Path):
         return load_config(None, (), dataset=dataset, **flags)
 
     return make
+
+
+@pytest.fixture
+def server():
+    """A loopback HTTP server (tests/loopback.py), shut down after the test."""
+    running = Server()
+    yield running
+    running.close()
