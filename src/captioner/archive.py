@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import shutil
 import tarfile
 import zipfile
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from captioner.config import DownloadConfig
 from captioner.errors import CaptionerError
-from captioner.io import log
+from captioner.io import escapes_folder, log
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 CHUNK = 1 << 20  # bytes per read/write while copying
@@ -99,13 +98,12 @@ def open_archive(path: Path) -> Iterator[list[Entry]]:
 
 def _inside(name: str, archive: Path) -> PurePosixPath | None:
     """An entry's path relative to the target folder; None for macOS junk; refuses escapes."""
-    text = name.replace("\\", "/")
-    path = PurePosixPath(text)
-    if path.is_absolute() or re.match(r"[A-Za-z]:", text) or ".." in path.parts:
+    if escapes_folder(name):
         raise CaptionerError(
             f"{archive}: entry '{name}' would land outside the target folder; "
             "refusing to extract the archive (get it from a trusted source)"
         )
+    path = PurePosixPath(name.replace("\\", "/"))
     parts = path.parts
     if not parts or "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] == ".DS_Store":
         return None

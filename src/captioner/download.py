@@ -72,6 +72,11 @@ def download(cfg: Config) -> Path:
     return cfg.raw_dir
 
 
+def downloadable(cfg: Config) -> bool:
+    """True when `download` has something to fetch or draw for this dataset."""
+    return cfg.data.dataset == "demo" or bool(cfg.download.urls or DATASETS.get(cfg.data.dataset))
+
+
 def sources(cfg: Config) -> list[tuple[str, str]]:
     """(url, md5) of each file: cfg.download.urls, else the built-in table; --mirror applied."""
     urls, sums = cfg.download.urls, cfg.download.md5

@@ -149,7 +149,10 @@ def _compute(
     settings = {**settings, "precision": encoders.resolve_precision(settings["precision"])}
     chunks_dir, size = out / "chunks", cfg.features.chunk_size
     plan_path = chunks_dir / "plan.json"
-    if plan_path.is_file():
+    # A plan binds only once a chunk is done: a start that failed before (a bad --weights file,
+    # say) leaves nothing that blocks other settings.
+    resuming = plan_path.is_file() and any(chunks_dir.glob("[0-9]*.json"))
+    if resuming:
         plan = read_json(plan_path)
         _check_same(
             plan,
@@ -158,8 +161,8 @@ def _compute(
             f"finish them with those settings or delete {chunks_dir} to start over",
         )
         size = plan["chunk_size"]  # resume on the same boundaries
-    else:
-        write_json(plan_path, {**settings, "chunk_size": size})
+    elif (out / "features.npy").is_file():
+        log(f"{out}: features.npy without meta.json (unfinished or damaged); computing it again")
     chunk_names = [names[start : start + size] for start in range(0, len(names), size)]
     todo = [k for k in range(len(chunk_names)) if not (chunks_dir / f"{k:05d}.json").is_file()]
     present = {name for k in todo for name in chunk_names[k] if (images_dir / name).is_file()}
@@ -177,9 +180,15 @@ def _compute(
     if len(todo) < len(chunk_names):
         log(f"resuming {out}: {len(chunk_names) - len(todo)} of {len(chunk_names)} chunks done")
     if todo:
+        # the encoder before the plan: if it cannot be built, nothing is written
+        encoder = build_encoder(
+            cfg.features.encoder, cfg.features.weights, settings["precision"], cfg.seed
+        )
+        if not resuming:
+            write_json(plan_path, {**settings, "chunk_size": size})
         _run_chunks(
             cfg,
-            settings["precision"],
+            encoder,
             chunks_dir,
             images_dir,
             [chunk_names[k] for k in todo],
@@ -206,7 +215,7 @@ def _compute(
 
 def _run_chunks(
     cfg: Config,
-    precision: str,
+    encoder: Any,
     chunks_dir: Path,
     images_dir: Path,
     chunk_names: list[list[str]],
@@ -214,7 +223,6 @@ def _run_chunks(
     present: set[str],
 ) -> None:
     """Encode the present images of each chunk; write each chunk as soon as it is complete."""
-    encoder = build_encoder(cfg.features.encoder, cfg.features.weights, precision, cfg.seed)
     name_of = {str(images_dir / n): n for chunk in chunk_names for n in chunk if n in present}
     groups = [[str(images_dir / n) for n in chunk if n in present] for chunk in chunk_names]
     pending = {
