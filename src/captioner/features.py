@@ -12,7 +12,6 @@ block of chunks in shards/I-of-N/; `--merge` concatenates the N finished shards 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import sys
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from captioner.config import Config
 from captioner.errors import CaptionerError
 from captioner.feature_cache import FORMAT, assemble, load_cache, read_bad, save_npy, write_cache
-from captioner.io import library_versions, log, read_json, write_json
+from captioner.io import library_versions, log, names_sha256, read_json, write_json
 
 # Keys that must agree between a finished cache (or unfinished chunks, or shards) and the config.
 SETTINGS = ("encoder", "weights", "seed", "precision", "dtype", "images_sha256")
@@ -47,10 +46,6 @@ def _image_list(cfg: Config) -> tuple[list[str], Path]:
     return list(dict.fromkeys(frame["image"])), images_dir
 
 
-def _digest(names: list[str]) -> str:
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
 def _settings(cfg: Config, names: list[str]) -> dict[str, Any]:
     """What decides the numbers in a cache (precision may still be "auto" = any)."""
     weights = cfg.features.weights
@@ -62,7 +57,7 @@ def _settings(cfg: Config, names: list[str]) -> dict[str, Any]:
         "seed": cfg.seed if weights == "none" else None,
         "precision": cfg.features.precision,
         "dtype": cfg.features.dtype,
-        "images_sha256": _digest(names),
+        "images_sha256": names_sha256(names),
     }
 
 

@@ -61,6 +61,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def names_sha256(names: list[str]) -> str:
+    """The sha256 of a list of names, one per line: an image list's fingerprint."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
 def escapes_folder(name: str) -> bool:
     """True if the relative name `name` (an archive entry, an image in a caption file) would
     resolve outside its folder: absolute, a drive letter, or a `..` part (either separator)."""
