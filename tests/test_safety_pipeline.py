@@ -136,7 +136,7 @@ def test_coco_file_names_outside_the_image_folder_are_refused(tmp_path, flickr8k
     (source / "coco.json").write_text(json.dumps(coco))
     before = snapshot(tmp_path)
     line = one_error_line(clean_pets(tmp_path, source, "coco", "coco.json"))
-    assert f"image '{evil}' (and 0 more) is outside the image folder" in line
+    assert f"image '{evil}' is outside the image folder" in line
     assert changed_outside(tmp_path, before) == []
 
 

@@ -112,9 +112,10 @@ def _check_inside(path: Path, images, folder: str) -> None:
     """Image names must stay inside the image folder: no absolute path, no `..`."""
     outside = [image for image in dict.fromkeys(images) if escapes_folder(image)]
     if outside:
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
         raise CaptionerError(
-            f"{path}: image '{outside[0]}' (and {len(outside) - 1} more) is outside the image "
-            f"folder; image names must be relative to {folder}, without '..'"
+            f"{path}: image '{outside[0]}'{more} is outside the image folder; image names "
+            f"must be relative to {folder}, without '..'"
         )
 
 
