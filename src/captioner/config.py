@@ -278,7 +278,7 @@ def from_dict(values: dict[str, Any]) -> Config:
 # Each of these settings is one path component under data/ or runs/: a value such as "../x",
 # "/abs" or "a/b" would put files outside those folders. "" is allowed where a default exists.
 PLAIN_NAMES = {"data.dataset": False, "features.encoder": False, "train.name": True}  # key: "" ok
-PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PLAIN_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*")  # one folder name, not hidden
 
 
 def check_plain_names(config: Config) -> None:
@@ -289,6 +289,6 @@ def check_plain_names(config: Config) -> None:
         if (value == "" and empty_ok) or PLAIN_NAME.fullmatch(value):
             continue
         raise ConfigError(
-            f"config key '{dotted}' must be a plain name (letters, digits, '.', '_', '-', "
-            f"not starting with '.'; no '/'), got {value!r}"
+            f"config key '{dotted}' must be a plain name (one folder name: no '/' or '\\', "
+            f"not starting with '.'), got {value!r}"
         )
