@@ -70,6 +70,8 @@ def test_escaped_separator_in_a_url_stays_inside_raw(tmp_path, tiny_config, serv
         (["download", "--dataset", "../x"], "data.dataset"),
         (["download", "--dataset", "/abs"], "data.dataset"),
         (["clean", "--dataset", "a/b"], "data.dataset"),
+        (["clean", "--dataset", "a\\b"], "data.dataset"),
+        (["clean", "--dataset", ".hidden"], "data.dataset"),
         (["train", "--dataset", "demo", "--name", "../x"], "train.name"),
         (["train", "--dataset", "demo", "--name", "/tmp/run"], "train.name"),
         (["features", "--dataset", "demo", "--encoder", "../../x"], "features.encoder"),
@@ -83,6 +85,11 @@ def test_names_that_are_paths_are_refused_before_anything_is_written(
     result = CliRunner().invoke(main, [*args, "--data-dir", "data"])
     assert f"config key '{key}' must be a plain name" in one_error_line(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_names_with_dots_and_spaces_are_fine(tiny_config):
+    cfg = tiny_config("my pets.v2", **{"train.name": "run 1", "features.encoder": "clip-b.32"})
+    assert cfg.dataset_dir.name == "my pets.v2" and cfg.features_dir.name == "clip-b.32"
 
 
 def zip_bytes(entries: dict[str, bytes]) -> bytes:
