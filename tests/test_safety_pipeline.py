@@ -147,7 +147,7 @@ def test_captions_csv_edited_to_leave_the_image_folder_is_refused(tiny_config, f
     frame = write_captions(cfg, flickr8k_fixtures, {"train": 2})
     frame.loc[0, "image"] = "../../secret.jpg"
     frame.to_csv(cfg.captions_csv, index=False)
-    with pytest.raises(CaptionerError, match="'../../secret.jpg' .* is outside the image folder"):
+    with pytest.raises(CaptionerError, match="'../../secret.jpg' is outside the image"):
         clean.load_captions(cfg)
 
 
