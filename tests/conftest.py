@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from loopback import Server
 from tinydata import write_flickr8k_like
 
 from captioner.config import Config, load_config
@@ -50,3 +51,11 @@ def tiny_config(tmp_path: Path):
         return load_config(None, (), dataset=dataset, **flags)
 
     return make
+
+
+@pytest.fixture
+def server():
+    """A loopback HTTP server (tests/loopback.py), shut down after the test."""
+    running = Server()
+    yield running
+    running.close()

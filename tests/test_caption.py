@@ -64,10 +64,9 @@ def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, m
     # The run's own encoder turns a new image into the features it was trained on: captions of
     # the test images equal those evaluate made from the feature cache.
     run = caption.load_run(run_dir)
-    predictions = pd.read_csv(
-        evaluate.evaluate(run_dir, beam=1, with_meteor=False).with_name("predictions.csv"),
-        keep_default_na=False,
-    )
+    metrics_path = evaluate.evaluate(run_dir, beam=1, with_meteor=False)
+    assert metrics_path == run_dir / "metrics-test-beam1.json"
+    predictions = pd.read_csv(run_dir / "predictions-test-beam1.csv", keep_default_na=False)
     test_paths = [str(images[0].parent / name) for name in predictions["image"]]
     captioned, failures = run.caption_files(test_paths, beam=1)
     assert failures == [] and [c for _, c in captioned] == list(predictions["caption"])
@@ -156,8 +155,8 @@ def test_train_evaluate_caption_through_the_cli(tmp_path, monkeypatch):
     assert [(e["split"], e["beam"], e["bleu4"]) for e in row["evaluations"]] == [("test", 3, bleu4)]
     assert "runs/tiny: split test, 6 images, beam 3" in result.stdout
     assert "note: METEOR skipped: no `java` on PATH" in result.stdout
-    assert result.stdout.strip().endswith("runs/tiny/metrics.json")
-    predictions = pd.read_csv("runs/tiny/predictions.csv", keep_default_na=False)
+    assert result.stdout.strip().endswith("runs/tiny/metrics-test-beam3.json")
+    predictions = pd.read_csv("runs/tiny/predictions-test-beam3.csv", keep_default_na=False)
     assert len(predictions) == 6
 
     image = f"data/demo/raw/Flicker8k_Dataset/{predictions['image'][0]}"

@@ -45,7 +45,9 @@ def test_full_fixture_official_split_then_reuse(tiny_config, flickr8k_fixtures, 
     before = listing(raw)
     assert clean.clean(cfg) == cfg.captions_csv
     info, log = meta(cfg), capsys.readouterr().err
-    assert info["counts"]["images"] == 8091 and info["counts"]["captions"] == 40455
+    # Flickr8k.token.txt holds 10 exact repeats of a caption of the same image: dropped
+    assert info["counts"]["images"] == 8091 and info["counts"]["captions"] == 40445
+    assert info["dropped"]["duplicate_captions"] == 10
     assert {split: sizes["images"] for split, sizes in info["counts"]["splits"].items()} == {
         "train": 6000,
         "dev": 1000,
@@ -59,7 +61,7 @@ def test_full_fixture_official_split_then_reuse(tiny_config, flickr8k_fixtures, 
     assert listing(raw) == before  # raw is never modified
 
     frame, images_dir = clean.load_captions(cfg)
-    assert list(frame.columns) == ["image", "split", "caption", "raw"] and len(frame) == 40000
+    assert list(frame.columns) == ["image", "split", "caption", "raw"] and len(frame) == 39990
     assert frame["caption"].str.fullmatch(r"[a-z]+( [a-z]+)*").all()
     assert not frame["caption"].str.contains("startseq|endseq").any()
     test_file = flickr8k_fixtures / "Flickr8k_text" / "Flickr_8k.testImages.txt"
@@ -196,8 +198,9 @@ def test_cli_clean_prints_summary_and_path(tmp_path, flickr8k_fixtures):
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(tmp_path / "data" / "flickr8k" / "captions.csv")
-    assert "split official: train 6,000 images / 30,000 captions" in result.stderr
-    assert "read 8,091 images, 40,455 captions" in result.stderr
+    assert "split official: train 6,000 images / 29,991 captions" in result.stderr
+    assert "read 8,091 images, 40,445 captions" in result.stderr
+    assert "dropped 10 exact repeats of an image's caption" in result.stderr
 
 
 def test_cli_bad_input_is_one_line(tmp_path):

@@ -199,12 +199,12 @@ def test_evaluate_writes_metrics_and_predictions(tmp_path, tiny_config, flickr8k
     run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_like)
     path = evaluate.evaluate(run_dir, split="test", with_meteor=False)
     result = json.loads(path.read_text())
-    assert path == run_dir / "metrics.json"
+    assert path == run_dir / "metrics-test-beam3.json"
     assert (result["split"], result["images"], result["decoding"]["beam"]) == ("test", 6, 3)
     assert set(result["metrics"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "cider_d", "rouge_l"}
     assert result["bleu_reference_style"]["bleu1"] > result["metrics"]["bleu1"]
 
-    predictions = pd.read_csv(run_dir / "predictions.csv", keep_default_na=False)
+    predictions = pd.read_csv(run_dir / "predictions-test-beam3.csv", keep_default_na=False)
     frame = pd.read_csv(cfg.captions_csv, keep_default_na=False)
     test = frame[frame["split"] == "test"]
     assert list(predictions["image"]) == list(dict.fromkeys(test["image"]))

@@ -16,7 +16,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 from tinydata import write_dataset
 
-from captioner import distribute, pipeline, train
+from captioner import distribute, pipeline, run_data, train
 from captioner.cli import main
 from captioner.config import from_dict, load_config
 from captioner.errors import CaptionerError
@@ -64,6 +64,7 @@ def test_run_directory_holds_everything_later_stages_need(trained):
     assert from_dict(read_json(run_dir / "config.json")) == cfg
     assert read_json(run_dir / "features_meta.json") == read_json(cfg.features_dir / "meta.json")
     assert read_json(run_dir / "vocab.json") == read_json(cfg.vocab_json)
+    assert read_json(run_dir / "data.json") == run_data.describe(cfg)  # the data it trained on
     versions = read_json(run_dir / "versions.json")
     assert versions["tensorflow"] == tf.__version__ and "git_commit" in versions
     state = read_json(run_dir / "state.json")

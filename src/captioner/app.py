@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -102,7 +104,34 @@ def launch(
 ) -> int:
     """Serve the page until interrupted; returns streamlit's exit code."""
     env = app_environment(run_dirs, examples)
-    return subprocess.run(streamlit_command(host, port), env=env, check=False).returncode
+    return run_child(streamlit_command(host, port), env)
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_child(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run `command` until it exits, passing on SIGTERM, SIGINT and SIGHUP, so stopping us stops
+    it too (never an orphan still serving); returns its exit code, 128 + N if signal N ended it."""
+    child = subprocess.Popen(list(command), env=env)
+
+    def forward(signum: int, _frame: Any) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child.poll() is None:  # we are leaving for another reason: take the child along
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return 128 - code if code < 0 else code
 
 
 # --- page logic ----------------------------------------------------------------------------
@@ -161,6 +190,13 @@ def open_image(data: bytes, name: str) -> Image.Image:
         raise CaptionerError(
             f"{name}: not a readable image ({error}); upload a {', '.join(IMAGE_TYPES)} file"
         ) from None
+
+
+def caption_markdown(caption: str) -> str:
+    """A caption as bold Markdown text: special characters escaped, an empty one named."""
+    if not caption.strip():
+        return "*(empty caption: the model ended at once)*"
+    return "**" + re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", caption) + "**"
 
 
 def caption_image(
@@ -248,7 +284,7 @@ def page() -> None:
         if result.error:
             column.error(result.error)
         else:
-            column.markdown(f"**{result.caption}**")
+            column.markdown(caption_markdown(result.caption))
         column.caption(f"{'greedy' if beam == 1 else f'beam {beam}'}, {result.seconds:.2f} s")
 
 

@@ -91,9 +91,7 @@ def load_run(
                 f"{run_dir}: no {name}, not a finished training run; train "
                 "one with `captioner train` or pass another --model/--run"
             )
-    import keras
-
-    import captioner.model  # noqa: F401  registers the model's custom layer for loading
+    from captioner.model import load_saved  # also registers the model's custom layers
 
     state_path = run_dir / "state.json"
     state = read_json(state_path) if state_path.is_file() else {}
@@ -104,12 +102,7 @@ def load_run(
         )
     cfg = from_dict(read_json(run_dir / "config.json"))
     vocab = Vocabulary.load(run_dir / "vocab.json")
-    try:
-        model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True)
-    except Exception as error:  # Keras raises many types for a damaged or foreign file
-        raise CaptionerError(
-            f"{run_dir / 'model.keras'}: cannot load ({error}); train the run again"
-        ) from None
+    model = load_saved(run_dir / "model.keras", "copy the run again, or train it again")
     if model.get_layer("logits").units != vocab.size:
         raise CaptionerError(
             f"{run_dir}: model.keras predicts {model.get_layer('logits').units}"

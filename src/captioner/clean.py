@@ -16,15 +16,14 @@ import numpy as np
 import pandas as pd
 
 from captioner import formats
+from captioner.clean_report import SHOWN, log_summary, statistics, why_none
 from captioner.config import Config
 from captioner.errors import CaptionerError
-from captioner.io import atomic_write_bytes, log, read_json, write_json
+from captioner.io import atomic_write_bytes, escapes_folder, log, read_json, write_json
 from captioner.text import normalize
 
-CLEAN_FORMAT = 1  # bump when captions.csv would come out differently from the same inputs
-SPLITS = ("train", "dev", "test")
+CLEAN_FORMAT = 2  # bump when captions.csv would come out differently from the same inputs
 COLUMNS = ("image", "split", "caption", "raw")
-SHOWN = 5  # how many line numbers or names a report lists before "..."
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,10 @@ def clean(cfg: Config) -> Path:
         return cfg.captions_csv
 
     source = formats.read(plan.format, plan.captions)
+    _check_inside(source.path, [image for image, _ in source.records], "--images")
     frame, dropped = _clean_rows(source)
+    if frame.empty:
+        raise CaptionerError(f"{source.path}: no usable captions ({why_none(dropped)}); check it")
     split_map, split_used = _split_map(cfg, plan, source, frame["image"])
     frame["split"] = frame["image"].map(split_map)
     unsplit = frame["split"].isna()
@@ -65,7 +67,7 @@ def clean(cfg: Config) -> Path:
     images_dir, found, missing = _locate_images(cfg, plan, set(frame["image"]))
 
     atomic_write_bytes(cfg.captions_csv, frame.to_csv(index=False).encode("utf-8"))
-    counts.update(_statistics(frame))
+    counts.update(statistics(frame))
     write_json(
         meta_path,
         {
@@ -78,7 +80,7 @@ def clean(cfg: Config) -> Path:
             "dropped": dropped,
         },
     )
-    _log_summary(cfg, source, split_used, counts, dropped, images_dir, missing)
+    log_summary(cfg, source, split_used, counts, dropped, images_dir, missing)
     return cfg.captions_csv
 
 
@@ -98,11 +100,23 @@ def load_captions(cfg: Config) -> tuple[pd.DataFrame, Path]:
         raise CaptionerError(
             f"{path}: columns must be {', '.join(COLUMNS)}; run `captioner clean` again"
         )
+    _check_inside(path, frame["image"].unique(), "the images_dir of captions.json")
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("images_dir"), str):
         raise CaptionerError(f"{meta_path}: no images_dir; run `captioner clean` again")
     images_dir = Path(meta["images_dir"])
     return frame, images_dir if images_dir.is_absolute() else cfg.dataset_dir / images_dir
+
+
+def _check_inside(path: Path, images, folder: str) -> None:
+    """Image names must stay inside the image folder: no absolute path, no `..`."""
+    outside = [image for image in dict.fromkeys(images) if escapes_folder(image)]
+    if outside:
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise CaptionerError(
+            f"{path}: image '{outside[0]}'{more} is outside the image folder; image names "
+            f"must be relative to {folder}, without '..'"
+        )
 
 
 def random_split(
@@ -210,7 +224,7 @@ def _is_fresh(csv_path: Path, meta_path: Path, settings: dict) -> bool:
 # --- cleaning and splitting ----------------------------------------------------------------------
 def _clean_rows(source: formats.CaptionSource) -> tuple[pd.DataFrame, dict]:
     """Normalised captions of real image entries; what was dropped, with examples."""
-    rows, strays, empty = [], Counter(), 0
+    rows, strays, empty, seen = [], Counter(), 0, set()
     for image, raw in source.records:
         if not formats.is_image_name(image):  # e.g. Flickr8k's stray "...jpg.1" entry
             strays[image] += 1
@@ -219,6 +233,9 @@ def _clean_rows(source: formats.CaptionSource) -> tuple[pd.DataFrame, dict]:
         if not caption:
             empty += 1
             continue
+        if (image, raw.strip()) in seen:  # the same caption twice would count twice in scores
+            continue
+        seen.add((image, raw.strip()))
         rows.append((image, caption, raw.strip()))
     dropped = {
         "malformed": {
@@ -228,6 +245,7 @@ def _clean_rows(source: formats.CaptionSource) -> tuple[pd.DataFrame, dict]:
         },
         "not_image_entries": {"names": sorted(strays), "captions": sum(strays.values())},
         "empty_captions": empty,
+        "duplicate_captions": len(source.records) - sum(strays.values()) - empty - len(rows),
     }
     return pd.DataFrame(rows, columns=["image", "caption", "raw"]), dropped
 
@@ -274,76 +292,3 @@ def _locate_images(cfg: Config, plan: Plan, images: set[str]) -> tuple[str, int,
         recorded = Path(os.path.relpath(folder, cfg.dataset_dir)).as_posix()
     found = sum((folder / name).is_file() for name in images)
     return recorded, found, len(images) - found
-
-
-def _statistics(frame: pd.DataFrame) -> dict:
-    """Images and captions per split, training vocabulary size and caption lengths."""
-    per_split = {
-        split: {
-            "images": int(frame.loc[frame["split"] == split, "image"].nunique()),
-            "captions": int((frame["split"] == split).sum()),
-        }
-        for split in SPLITS
-    }
-    train = frame.loc[frame["split"] == "train", "caption"].str.split()
-    lengths = train.str.len().to_numpy() if len(train) else np.zeros(1)
-    return {
-        "splits": per_split,
-        "vocabulary_train": len({word for words in train for word in words}),
-        "caption_length_train": {
-            "mean": round(float(lengths.mean()), 2),
-            "max": int(lengths.max()),
-            "p95": float(np.percentile(lengths, 95)),
-        },
-    }
-
-
-def _log_summary(
-    cfg: Config,
-    source: formats.CaptionSource,
-    split_used: str,
-    counts: dict,
-    dropped: dict,
-    images_dir: str,
-    missing: int,
-) -> None:
-    log(
-        f"{cfg.data.dataset}: read {counts['images']:,} images, {counts['captions']:,} captions "
-        f"from {source.path} (format {source.format})"
-    )
-    malformed = dropped["malformed"]
-    if malformed["count"]:
-        more = ", ..." if malformed["count"] > SHOWN else ""
-        log(
-            f"skipped {malformed['count']} malformed {malformed['unit']}s of {source.path.name} "
-            f"({malformed['unit']}s {', '.join(map(str, malformed['first']))}{more})"
-        )
-    strays = dropped["not_image_entries"]
-    if strays["names"]:
-        log(
-            f"dropped {strays['captions']} captions whose image name is not a real image entry "
-            f"({len(strays['names'])}): {', '.join(strays['names'][:SHOWN])}"
-        )
-    if dropped["empty_captions"]:
-        log(f"dropped {dropped['empty_captions']} captions that are empty after cleaning")
-    if dropped["no_split"]["images"]:
-        log(
-            f"dropped {dropped['no_split']['images']:,} images "
-            f"({dropped['no_split']['captions']:,} captions) that are in no {split_used} split; "
-            f"the {split_used} split covers {counts['images'] - dropped['no_split']['images']:,} "
-            f"of {counts['images']:,} images (--split random keeps them all)"
-        )
-    sizes = "; ".join(
-        f"{split} {counts['splits'][split]['images']:,} images / "
-        f"{counts['splits'][split]['captions']:,} captions"
-        for split in SPLITS
-    )
-    log(f"split {split_used}: {sizes}")
-    length = counts["caption_length_train"]
-    log(
-        f"vocabulary (train): {counts['vocabulary_train']:,} words; caption length (train, words): "
-        f"mean {length['mean']:.1f}, max {length['max']}, 95th percentile {length['p95']:.0f}"
-    )
-    total = sum(counts["splits"][split]["images"] for split in SPLITS)
-    note = f" ({missing:,} of {total:,} not found there; features skips them)" if missing else ""
-    log(f"images: {images_dir}{note}")

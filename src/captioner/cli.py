@@ -409,7 +409,7 @@ def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
     help="Folder of example images (default: the first run's test images).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
-@click.option("--port", type=int, default=8501, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
 @_fail_cleanly
 def app(runs: tuple[str, ...], examples: str | None, host: str, port: int) -> None:
     """Start the web page: upload an image, compare the captions of several models.

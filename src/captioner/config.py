@@ -44,7 +44,13 @@ class DownloadConfig:
     skip_checksum: bool = False
     retries: int = 4
     backoff: float = 2.0  # seconds before the first retry; doubles after each failure
-    timeout: float = 60.0
+    timeout: float = 60.0  # seconds for connecting and for each read
+    # A transfer slower than min_speed bytes/s over stall_seconds is cut and resumed (a retry).
+    stall_seconds: float = 60.0
+    min_speed: float = 1024.0
+    # Caps on one archive's extraction: total uncompressed bytes and uncompressed/compressed.
+    max_extract_bytes: int = 32 * 1024**3
+    max_extract_ratio: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,7 @@ class Config:
         return self.dataset_dir / "vocab.json"
 
     def __post_init__(self) -> None:
+        check_plain_names(self)
         check_limits(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,7 +263,7 @@ def check_limits(config: Config) -> None:
 def _bundled_config(dataset: str) -> dict[str, Any]:
     """The `configs/<dataset>.toml` shipped with the package, or {} for custom datasets."""
     path = resources.files("captioner") / "configs" / f"{dataset}.toml"
-    if not path.is_file():
+    if not PLAIN_NAME.fullmatch(dataset) or not path.is_file():  # not a name: refused later
         return {}
     return tomllib.loads(path.read_text(encoding="utf-8"))
 
@@ -372,3 +379,23 @@ def replace(config: Config, **dotted: Any) -> Config:
 def from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. a run's config.json)."""
     return _build(Config, values)
+
+
+# --- names that become folder names ----------------------------------------------------------
+# Each of these settings is one path component under data/ or runs/: a value such as "../x",
+# "/abs" or "a/b" would put files outside those folders. "" is allowed where a default exists.
+PLAIN_NAMES = {"data.dataset": False, "features.encoder": False, "train.name": True}  # key: "" ok
+PLAIN_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*")  # one folder name, not hidden
+
+
+def check_plain_names(config: Config) -> None:
+    """Refuse a dataset, encoder or run name that is not a plain file name (no path)."""
+    for dotted, empty_ok in PLAIN_NAMES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if (value == "" and empty_ok) or PLAIN_NAME.fullmatch(value):
+            continue
+        raise ConfigError(
+            f"config key '{dotted}' must be a plain name (one folder name: no '/' or '\\', "
+            f"not starting with '.'), got {value!r}"
+        )

@@ -14,26 +14,20 @@ file gets its final name only after its checksum matched, so a final name always
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import http.client
 import os
 import re
-import shutil
-import tarfile
 import time
 import urllib.request
-import zipfile
-from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import IO
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote, unquote, urlsplit
 
 from tqdm import tqdm
 
 from captioner import __version__
+from captioner.archive import CHUNK, Limits, extract, is_archive, open_archive
 from captioner.config import Config
 from captioner.errors import CaptionerError
 from captioner.io import atomic_write_bytes, log
@@ -51,8 +45,6 @@ DATASETS: dict[str, tuple[tuple[str, str], ...]] = {
         (f"{_FLICKR30K}/flickr_annotations_30k.csv", ""),
     ),
 }
-ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
-CHUNK = 1 << 20  # bytes per read/write while streaming and copying
 PERMANENT_HTTP_ERRORS = {400, 401, 403, 404, 410}  # retrying cannot help
 
 
@@ -80,6 +72,11 @@ def download(cfg: Config) -> Path:
     return cfg.raw_dir
 
 
+def downloadable(cfg: Config) -> bool:
+    """True when `download` has something to fetch or draw for this dataset."""
+    return cfg.data.dataset == "demo" or bool(cfg.download.urls or DATASETS.get(cfg.data.dataset))
+
+
 def sources(cfg: Config) -> list[tuple[str, str]]:
     """(url, md5) of each file: cfg.download.urls, else the built-in table; --mirror applied."""
     urls, sums = cfg.download.urls, cfg.download.md5
@@ -97,9 +94,13 @@ def sources(cfg: Config) -> list[tuple[str, str]]:
 
 
 def file_name(url: str) -> str:
-    """The last path segment of a URL: the name the file gets in raw/ (and on a mirror)."""
-    name = unquote(PurePosixPath(urlsplit(url).path).name)
-    if not name or name in (".", ".."):
+    """The last path segment of a URL: the name the file gets in raw/ (and on a mirror).
+
+    Only a plain base name survives: an escaped separator (`..%2Fx.zip`) is cut at the last one
+    and control characters are dropped, so the file always lands in raw/ itself."""
+    segment = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    name = "".join(ch for ch in re.split(r"[/\\]", segment)[-1] if ch.isprintable()).strip()
+    if not name or name.startswith("."):
         raise CaptionerError(f"{url}: the URL names no file; give the full URL of each file")
     return name
 
@@ -107,10 +108,6 @@ def file_name(url: str) -> str:
 def mirrored(url: str, mirror: str) -> str:
     """`url` with everything before its file name replaced by `mirror` (unchanged if "")."""
     return f"{mirror.rstrip('/')}/{quote(file_name(url))}" if mirror else url
-
-
-def is_archive(name: str) -> bool:
-    return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
 def fetch_and_extract(cfg: Config, url: str, md5: str) -> None:
@@ -123,18 +120,26 @@ def fetch_and_extract(cfg: Config, url: str, md5: str) -> None:
     if path.is_file():
         log(f"reusing {path} (extracting it again: the last extraction did not finish)")
     else:
-        options = cfg.download
-        fetch(
-            url,
-            path,
-            md5,
-            retries=options.retries,
-            backoff=options.backoff,
-            timeout=options.timeout,
-        )
+        fetch(url, path, md5, **transfer_options(cfg))
     if is_archive(name):
-        extract(path, cfg.raw_dir)
+        extract(path, cfg.raw_dir, limits(cfg))
         atomic_write_bytes(marker, b"")
+
+
+def transfer_options(cfg: Config) -> dict[str, float]:
+    """fetch's retry, timeout and stall settings from cfg.download."""
+    options = cfg.download
+    return {
+        "retries": options.retries,
+        "backoff": options.backoff,
+        "timeout": options.timeout,
+        "stall_seconds": options.stall_seconds,
+        "min_speed": options.min_speed,
+    }
+
+
+def limits(cfg: Config) -> Limits:
+    return Limits(cfg.download.max_extract_bytes, cfg.download.max_extract_ratio)
 
 
 def fetch(
@@ -144,21 +149,31 @@ def fetch(
     retries: int = 4,
     backoff: float = 2.0,
     timeout: float = 60.0,
+    stall_seconds: float = 60.0,
+    min_speed: float = 1024.0,
 ) -> Path:
-    """Download `url` to `dest` via `dest.part`, resuming it; verify md5 ("" = don't); retry."""
+    """Download `url` to `dest` via `dest.part`, resuming it; verify md5 ("" = don't); retry.
+
+    A transfer slower than `min_speed` bytes/s over any `stall_seconds` counts as stalled: it
+    is cut and resumed like a dropped connection (a per-read timeout alone never fires when a
+    server sends one byte now and then)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):
         try:
-            _stream(url, part, timeout)
+            _stream(url, part, timeout, stall_seconds, min_speed)
             break
         except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets
             if isinstance(error, OSError) and not isinstance(error, URLError) and error.filename:
                 raise  # a local file problem (disk full, permissions): retrying can't help
-                raise
             reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
-            permanent = isinstance(error, HTTPError) and error.code in PERMANENT_HTTP_ERRORS
-            if permanent or attempt == retries:
+            if isinstance(error, HTTPError) and error.code in PERMANENT_HTTP_ERRORS:
+                raise CaptionerError(
+                    f"{url}: HTTP {error.code} {error.reason} (not retried: the server has no "
+                    "such file for us); check the URL, or fetch the same file names from another "
+                    f"server with --mirror URL (which downloads URL/{dest.name})"
+                ) from None
+            if attempt == retries:
                 raise CaptionerError(
                     f"{url}: download failed after {attempt + 1} attempt(s) ({reason}); "
                     "run again later to resume, or fetch the same files from elsewhere with "
@@ -179,8 +194,9 @@ def fetch(
     return dest
 
 
-def _stream(url: str, part: Path, timeout: float) -> None:
-    """Append the rest of `url` to `part`; raise ConnectionError if the transfer stops short."""
+def _stream(url: str, part: Path, timeout: float, stall_seconds: float, min_speed: float) -> None:
+    """Append the rest of `url` to `part`; raise ConnectionError if the transfer stops short
+    or stalls (under `min_speed` bytes/s over `stall_seconds`)."""
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": f"captioner/{__version__}"}
     if have:
@@ -217,9 +233,19 @@ def _stream(url: str, part: Path, timeout: float) -> None:
                 desc=part.name.removesuffix(".part"),
             ) as bar,
         ):
-            while chunk := response.read(CHUNK):
+            window_start, window_bytes = time.monotonic(), 0
+            while chunk := response.read1(CHUNK):  # what has arrived, not a full CHUNK
                 out.write(chunk)
                 bar.update(len(chunk))
+                window_bytes += len(chunk)
+                elapsed = time.monotonic() - window_start
+                if elapsed >= stall_seconds:
+                    if window_bytes < min_speed * elapsed:
+                        raise ConnectionError(
+                            f"stalled: {window_bytes} bytes in {elapsed:.0f} s, under "
+                            f"download.min_speed = {min_speed:g} bytes/s"
+                        )
+                    window_start, window_bytes = time.monotonic(), 0
     size = part.stat().st_size
     if total is not None and size < total:  # http.client returns b"" when the peer hangs up
         raise ConnectionError(f"connection closed after {size} of {total} bytes")
@@ -231,93 +257,6 @@ def _md5(path: Path) -> str:
         while block := handle.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
-
-
-# --- extraction -------------------------------------------------------------------------------
-
-Opener = Callable[[], IO[bytes]] | None  # None for a folder entry
-
-
-@contextlib.contextmanager
-def _open_archive(path: Path) -> Iterator[list[tuple[str, Opener]]]:
-    """(entry name, opener) for each entry of a zip or tar archive; links and devices refused."""
-    try:
-        if path.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(path) as archive:
-                yield [
-                    (
-                        info.filename,
-                        None if info.is_dir() else functools.partial(archive.open, info),
-                    )
-                    for info in archive.infolist()
-                ]
-        else:
-            with tarfile.open(path) as archive:
-                entries: list[tuple[str, Opener]] = []
-                for member in archive.getmembers():
-                    if not (member.isfile() or member.isdir()):
-                        raise CaptionerError(
-                            f"{path}: entry '{member.name}' is a link or device; "
-                            "refusing to extract (get the archive elsewhere)"
-                        )
-                    opener = functools.partial(archive.extractfile, member)
-                    entries.append((member.name, opener if member.isfile() else None))
-                yield entries
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as error:
-        raise CaptionerError(
-            f"{path}: not a readable archive ({error}); delete it and run "
-            "again to download it afresh"
-        ) from None
-
-
-def _inside(name: str, archive: Path) -> PurePosixPath | None:
-    """An entry's path relative to the target folder; None for macOS junk; refuses escapes."""
-    text = name.replace("\\", "/")
-    path = PurePosixPath(text)
-    if path.is_absolute() or re.match(r"[A-Za-z]:", text) or ".." in path.parts:
-        raise CaptionerError(
-            f"{archive}: entry '{name}' would land outside the target folder; "
-            "refusing to extract the archive (get it from a trusted source)"
-        )
-    parts = path.parts
-    if not parts or "__MACOSX" in parts or parts[-1].startswith("._") or parts[-1] == ".DS_Store":
-        return None
-    return path
-
-
-def archive_stem(name: str) -> str:
-    """'Flickr8k_text.zip' -> 'Flickr8k_text'."""
-    suffix = next(s for s in ARCHIVE_SUFFIXES if name.lower().endswith(s))
-    return name[: -len(suffix)]
-
-
-def extract(archive: Path, target: Path) -> Path:
-    """Extract `archive` under `target`; return the folder its contents went to.
-
-    Every entry is checked before anything is written. An archive whose entries share one
-    top-level folder is extracted as is; loose files go to target/<archive stem>/.
-    """
-    with _open_archive(archive) as entries:
-        plan = [
-            (inside, opener)
-            for name, opener in entries
-            if (inside := _inside(name, archive)) is not None
-        ]
-        tops = {inside.parts[0] for inside, _ in plan}
-        one_folder = len(tops) == 1 and any(
-            len(inside.parts) > 1 or opener is None for inside, opener in plan
-        )
-        root = target if one_folder else target / archive_stem(archive.name)
-        for inside, opener in tqdm(plan, desc=f"extracting {archive.name}", unit="file"):
-            dest = root / inside
-            if opener is None:
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with opener() as source, open(dest, "wb") as out:
-                shutil.copyfileobj(source, out, CHUNK)
-    log(f"extracted {archive.name}: {len(plan)} entries into {root}")
-    return root
 
 
 # --- Karpathy's split -------------------------------------------------------------------------
@@ -333,18 +272,20 @@ def _fetch_karpathy(cfg: Config) -> None:
         # One attempt: the original link is reported dead, and this file is optional.
         archive = cfg.raw_dir / file_name(url)
         if not archive.is_file():
-            fetch(url, archive, retries=0, timeout=cfg.download.timeout)
-        with _open_archive(archive) as entries:
-            opener = next(
+            fetch(url, archive, **{**transfer_options(cfg), "retries": 0})
+        with open_archive(archive) as entries:
+            opener, size = next(
                 (
-                    opener
-                    for name, opener in entries
-                    if opener and PurePosixPath(name).name == wanted.name
+                    (entry.opener, entry.size)
+                    for entry in entries
+                    if entry.opener and PurePosixPath(entry.name).name == wanted.name
                 ),
-                None,
+                (None, 0),
             )
             if opener is None:
                 raise CaptionerError(f"{archive}: holds no {wanted.name}")
+            if size > limits(cfg).max_bytes:
+                raise CaptionerError(f"{archive}: {wanted.name} is over download.max_extract_bytes")
             with opener() as source:
                 atomic_write_bytes(wanted, source.read())
         log(f"Karpathy split: {wanted}")

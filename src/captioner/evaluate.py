@@ -1,18 +1,20 @@
 """`captioner evaluate`: caption one split of the run's dataset and score it against its references.
 
-Writes into the run directory:
-  metrics.json      scores (BLEU-1..4, CIDEr-D, ROUGE-L, METEOR when Java is present), the split,
-                    the decoding settings, the number of images, and the notebook-style BLEU
-                    (start/end words counted) for comparison with the old approach
-  predictions.csv   image, caption, references (joined by " | ")
-  README.md         the model card (card.py), rewritten with every evaluation
-and prints a small table on stdout. Features come from the dataset's feature cache, which must
-have been made by the encoder the run was trained on (features_meta.json).
+Writes into the run directory, one pair per split and decoding settings (run_data.py names
+them, e.g. metrics-test-beam3.json, predictions-test-beam3.csv):
+  metrics-<tag>.json      scores (BLEU-1..4, CIDEr-D, ROUGE-L, METEOR when Java is present), the
+                          split, the decoding settings, the number of images, the data scored
+                          (captions sha256) and the notebook-style BLEU (start/end words
+                          counted) for comparison with the old approach
+  predictions-<tag>.csv   image, caption, references (joined by " | ")
+  README.md               the model card (card.py), rewritten with every evaluation
+and prints a small table on stdout. The captions must be those the run was trained on (its
+data.json); features come from the dataset's feature cache, which must have been made by the
+encoder the run was trained on (features_meta.json).
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -22,12 +24,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from captioner import metrics
+from captioner import metrics, run_data
 from captioner.caption import LoadedRun, load_run
 from captioner.card import write_card
 from captioner.config import replace
 from captioner.errors import CaptionerError
-from captioner.io import atomic_write_bytes, log, read_json, write_json
+from captioner.io import atomic_write_bytes, file_sha256, log, read_json, write_json
 
 CHUNK = 500  # images per decoding call: the unit of progress
 # Feature-cache settings that must match the run's features_meta.json.
@@ -50,22 +52,29 @@ def evaluate(
     data_dir: str | None = None,
     with_meteor: bool = True,
 ) -> Path:
-    """Score the run on `split`; return the path of metrics.json (reused when up to date)."""
+    """Score the run on `split`; return the path of its metrics file (reused when up to date)."""
     run_dir = Path(run_dir)
     run = load_run(run_dir, with_encoder=False)
     if data_dir is not None:
         run.cfg = replace(run.cfg, **{"data.data_dir": data_dir})
     settings = run.decode_settings(beam)
-    metrics_path = run_dir / "metrics.json"
-    model_sha256 = hashlib.sha256((run_dir / "model.keras").read_bytes()).hexdigest()
-    previous = _previous(metrics_path, split, settings, model_sha256)
+    references = split_references(run, split)
+    data = run_data.check(run_dir, run.cfg)  # refuses captions the run was not trained on
+    scored = {
+        "captions_sha256": data["captions_sha256"],
+        "images_sha256": data["splits"][split]["images_sha256"],
+    }
+    tag = run_data.result_tag(split, settings, run.vocab.max_length)
+    metrics_path, predictions_path = run_data.result_paths(run_dir, tag)
+    model_sha256 = file_sha256(run_dir / "model.keras")
+    expected = {"split": split, "decoding": settings, "data": scored, "model_sha256": model_sha256}
+    previous = _previous(metrics_path, predictions_path, expected)
     if previous is not None:
         log(f"reusing {metrics_path}")
         print_table(previous)
         log(f"model card {write_card(run_dir)}")
         return metrics_path
 
-    references = split_references(run, split)
     images, features = split_features(run, references)
     hypotheses: list[str] = []
     with tqdm(
@@ -89,33 +98,30 @@ def evaluate(
         "metrics": scores,
         "bleu_reference_style": metrics.bleu_reference_style(hypotheses, refs),
         "notes": notes,
+        "data": scored,
         "model_sha256": model_sha256,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     table = pd.DataFrame(
         {"image": images, "caption": hypotheses, "references": [" | ".join(r) for r in refs]}
     )
-    atomic_write_bytes(run_dir / "predictions.csv", table.to_csv(index=False).encode())
+    atomic_write_bytes(predictions_path, table.to_csv(index=False).encode())
     write_json(metrics_path, result)  # last: its presence means a finished evaluation
     print_table(result)
     log(f"model card {write_card(run_dir)}")  # rewritten with every evaluation
     return metrics_path
 
 
-def _previous(path: Path, split: str, settings: dict, model_sha256: str) -> dict | None:
-    """The stored result if it was made on the same split, settings and model, else None."""
-    if not path.is_file() or not (path.parent / "predictions.csv").is_file():
+def _previous(path: Path, predictions: Path, expected: dict) -> dict | None:
+    """The stored result if it scored the same split, images and captions with the same model
+    and decoding settings, else None."""
+    if not path.is_file() or not predictions.is_file():
         return None
     try:
         stored = read_json(path)
     except CaptionerError:
         return None  # damaged: evaluate again
-    same = (
-        isinstance(stored, dict)
-        and stored.get("split") == split
-        and stored.get("decoding") == settings
-        and stored.get("model_sha256") == model_sha256
-    )
+    same = isinstance(stored, dict) and all(stored.get(k) == v for k, v in expected.items())
     return stored if same else None
 
 

@@ -12,7 +12,6 @@ block of chunks in shards/I-of-N/; `--merge` concatenates the N finished shards 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import sys
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from captioner.config import Config, parse_shard
 from captioner.errors import CaptionerError
 from captioner.feature_cache import FORMAT, assemble, load_cache, read_bad, save_npy, write_cache
-from captioner.io import library_versions, log, read_json, write_json
+from captioner.io import library_versions, log, names_sha256, read_json, write_json
 
 # Keys that must agree between a finished cache (or unfinished chunks, or shards) and the config.
 SETTINGS = ("encoder", "weights", "seed", "precision", "dtype", "images_sha256")
@@ -47,10 +46,6 @@ def _image_list(cfg: Config) -> tuple[list[str], Path]:
     return list(dict.fromkeys(frame["image"])), images_dir
 
 
-def _digest(names: list[str]) -> str:
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
-
-
 def _settings(cfg: Config, names: list[str]) -> dict[str, Any]:
     """What decides the numbers in a cache (precision may still be "auto" = any)."""
     weights = cfg.features.weights
@@ -62,7 +57,7 @@ def _settings(cfg: Config, names: list[str]) -> dict[str, Any]:
         "seed": cfg.seed if weights == "none" else None,
         "precision": cfg.features.precision,
         "dtype": cfg.features.dtype,
-        "images_sha256": _digest(names),
+        "images_sha256": names_sha256(names),
     }
 
 
@@ -133,7 +128,10 @@ def _compute(
     settings = {**settings, "precision": encoders.resolve_precision(settings["precision"])}
     chunks_dir, size = out / "chunks", cfg.features.chunk_size
     plan_path = chunks_dir / "plan.json"
-    if plan_path.is_file():
+    # A plan binds only once a chunk is done: a start that failed before (a bad --weights file,
+    # say) leaves nothing that blocks other settings.
+    resuming = plan_path.is_file() and any(chunks_dir.glob("[0-9]*.json"))
+    if resuming:
         plan = read_json(plan_path)
         _check_same(
             plan,
@@ -142,8 +140,8 @@ def _compute(
             f"finish them with those settings or delete {chunks_dir} to start over",
         )
         size = plan["chunk_size"]  # resume on the same boundaries
-    else:
-        write_json(plan_path, {**settings, "chunk_size": size})
+    elif (out / "features.npy").is_file():
+        log(f"{out}: features.npy without meta.json (unfinished or damaged); computing it again")
     chunk_names = [names[start : start + size] for start in range(0, len(names), size)]
     todo = [k for k in range(len(chunk_names)) if not (chunks_dir / f"{k:05d}.json").is_file()]
     present = {name for k in todo for name in chunk_names[k] if (images_dir / name).is_file()}
@@ -161,9 +159,15 @@ def _compute(
     if len(todo) < len(chunk_names):
         log(f"resuming {out}: {len(chunk_names) - len(todo)} of {len(chunk_names)} chunks done")
     if todo:
+        # the encoder before the plan: if it cannot be built, nothing is written
+        encoder = build_encoder(
+            cfg.features.encoder, cfg.features.weights, settings["precision"], cfg.seed
+        )
+        if not resuming:
+            write_json(plan_path, {**settings, "chunk_size": size})
         _run_chunks(
             cfg,
-            settings["precision"],
+            encoder,
             chunks_dir,
             images_dir,
             [chunk_names[k] for k in todo],
@@ -190,7 +194,7 @@ def _compute(
 
 def _run_chunks(
     cfg: Config,
-    precision: str,
+    encoder: Any,
     chunks_dir: Path,
     images_dir: Path,
     chunk_names: list[list[str]],
@@ -198,7 +202,6 @@ def _run_chunks(
     present: set[str],
 ) -> None:
     """Encode the present images of each chunk; write each chunk as soon as it is complete."""
-    encoder = build_encoder(cfg.features.encoder, cfg.features.weights, precision, cfg.seed)
     name_of = {str(images_dir / n): n for chunk in chunk_names for n in chunk if n in present}
     groups = [[str(images_dir / n) for n in chunk if n in present] for chunk in chunk_names]
     pending = {

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tqdm import tqdm
@@ -78,6 +80,27 @@ def read_json(path: Path) -> Any:
         ) from None
     except UnicodeDecodeError:
         raise CaptionerError(f"{path}: not UTF-8 text") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def names_sha256(names: list[str]) -> str:
+    """The sha256 of a list of names, one per line: an image list's fingerprint."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def escapes_folder(name: str) -> bool:
+    """True if the relative name `name` (an archive entry, an image in a caption file) would
+    resolve outside its folder: absolute, a drive letter, or a `..` part (either separator)."""
+    text = name.replace("\\", "/")
+    path = PurePosixPath(text)
+    return path.is_absolute() or bool(re.match(r"[A-Za-z]:", text)) or ".." in path.parts
 
 
 def library_versions() -> dict[str, str]:

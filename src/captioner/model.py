@@ -23,6 +23,8 @@ token at a time instead of re-running the whole prefix per word.
 from __future__ import annotations
 
 import functools
+import zipfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -210,6 +212,21 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
 
 
 # --- one-step decoding with the trained layers ----------------------------------------------
+
+
+def load_saved(path: Path, fix: str) -> keras.Model:
+    """A saved .keras model (safe mode); a missing, truncated or foreign file is one line."""
+    path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise CaptionerError(
+            f"{path}: unreadable or corrupt (not a complete .keras archive: truncated by an "
+            f"interrupted copy or download?); {fix}"
+        )
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a damaged or foreign file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CaptionerError(f"{path}: unreadable or corrupt ({reason}); {fix}") from None
 
 
 def image_vector(model: keras.Model, features):

@@ -23,15 +23,15 @@ def prepare(cfg: Config) -> dict[str, Path]:
 
     Keys: "raw", "captions" (captions.csv), "features" (the cache folder), "vocab" (vocab.json).
     """
-    from captioner import clean, tokenizer  # download and features only when they must run
+    from captioner import clean, download, tokenizer  # features only when it must run
 
     captions_json = cfg.captions_csv.with_name("captions.json")
     have_captions = cfg.captions_csv.is_file() and captions_json.is_file()
     have_features = features_finished(cfg.features_dir)
     paths = {"raw": cfg.raw_dir}
-    if not (have_captions and have_features):  # something still has to read the raw data
-        from captioner import download
-
+    # Raw data is needed to clean, or for the images of a downloadable dataset; a cleaned dataset
+    # of your own (nothing to download) goes straight to the features stage.
+    if not have_captions or (not have_features and download.downloadable(cfg)):
         paths["raw"] = download.download(cfg)
     if have_captions and not cfg.raw_dir.is_dir() and not cfg.data.captions:
         log(f"reusing {cfg.captions_csv} (no raw data to check it against)")

@@ -3,7 +3,7 @@
 Dataset plots: sample images with their captions, the most frequent words, and the image
 features in 2-D (PCA) with k-means clusters and example thumbnails per cluster. Run plots (only
 with a run directory): training/validation loss per epoch (history.csv) and test images with the
-generated caption and one reference (predictions.csv).
+generated caption and one reference (the newest predictions-test-*.csv).
 
 Figures are built with matplotlib's `Figure` directly (no pyplot: no global state, no GUI
 backend; PNGs are rendered by Agg) and written atomically.
@@ -335,14 +335,16 @@ def _run_jobs(run_dir: Path | None, images_dir: Path) -> dict[str, Job]:
         raise CaptionerError(
             f"{run_dir}: run directory not found; pass a folder made by `captioner train`"
         )
-    history, predictions = run_dir / "history.csv", run_dir / "predictions.csv"
+    from captioner.run_data import find_predictions
+
+    history, predictions = run_dir / "history.csv", find_predictions(run_dir, "test")
     return {
         "loss.png": (lambda path: loss_curves(history, path))
         if history.is_file()
         else f"{history} not found (train the run first)",
         "predictions.png": (lambda path: prediction_grid(predictions, images_dir, path))
-        if predictions.is_file()
-        else f"{predictions} not found (run `captioner evaluate --run {run_dir}` first)",
+        if predictions is not None
+        else f"no test predictions in {run_dir} (run `captioner evaluate --run {run_dir}` first)",
     }
 
 

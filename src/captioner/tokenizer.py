@@ -7,7 +7,6 @@ first appearance), so id order is stable and readable. Words rarer than `min_cou
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import numpy as np
 
 from captioner.config import Config
 from captioner.errors import CaptionerError
-from captioner.io import log, read_json, write_json
+from captioner.io import file_sha256, log, read_json, write_json
 from captioner.text import END_ID, PAD_ID, SPECIAL_TOKENS, START_ID, UNK_ID
 
 VOCAB_FORMAT = 1
@@ -127,14 +126,6 @@ class Vocabulary:
         return vocab
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_vocab(cfg: Config) -> Path:
     """The tokenizer stage: train-split captions of cfg.captions_csv -> cfg.vocab_json.
 
@@ -150,7 +141,7 @@ def build_vocab(cfg: Config) -> Path:
         "max_length": tok.max_length,
         "length_percentile": tok.length_percentile,
         "format": VOCAB_FORMAT,
-        "captions_sha256": _file_sha256(cfg.captions_csv),
+        "captions_sha256": file_sha256(cfg.captions_csv),
     }
     if cfg.vocab_json.is_file():
         try:

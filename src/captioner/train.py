@@ -1,7 +1,7 @@
 """The train stage: fit the merge model on cached features, in a run directory that can resume.
 
     runs/<name>/
-      config.json versions.json vocab.json features_meta.json   written before training starts
+      config.json versions.json vocab.json features_meta.json data.json   written before training
       state.json          the commit point, rewritten after every epoch (see below)
       checkpoints/epoch-NNNN.keras   the last and the best epoch, each with its optimizer state
       model.keras         a copy of the best checkpoint (lowest validation loss)
@@ -32,7 +32,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from captioner import data, distribute, model, monitor, pipeline
+from captioner import data, distribute, model, monitor, pipeline, run_data
 from captioner.card import write_card
 from captioner.config import Config
 from captioner.errors import CaptionerError
@@ -103,7 +103,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     )
     with strategy.scope():
         if state["checkpoint"]:  # resume: weights, optimizer state and its step count
-            merge_model = keras.saving.load_model(run_dir / state["checkpoint"], safe_mode=True)
+            merge_model = model.load_saved(run_dir / state["checkpoint"], "start a new run")
         else:
             merge_model = _new_model(cfg, cache.features, train_rows, vocab.size)
     checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, cfg.train.lr_decay, write=chief)
@@ -262,6 +262,7 @@ def _open_run(run_dir: Path, cfg: Config, resume: bool, paths: dict[str, Path]) 
     write_json(run_dir / "versions.json", {**library_versions(), "git_commit": git_commit()})
     write_json(run_dir / "vocab.json", read_json(paths["vocab"]))
     write_json(run_dir / "features_meta.json", read_json(Path(paths["features"]) / "meta.json"))
+    run_data.pin(run_dir, cfg)  # data.json: evaluate refuses captions the run did not train on
     state = _initial_state(cfg)
     _publish(run_dir, state, copy_best=False)  # state.json and an empty history.csv
     log(f"run directory {run_dir}")
