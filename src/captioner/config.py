@@ -198,6 +198,10 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "download.retries": Range(0, 100),
     "download.backoff": Range(0, 3600),
     "download.timeout": Range(0, 86400, open_low=True),
+    "download.stall_seconds": Range(0, 86400, open_low=True),
+    "download.min_speed": Range(0, 1 << 40),  # bytes/s; 0 = no stall limit
+    "download.max_extract_bytes": Range(1, 1 << 50),
+    "download.max_extract_ratio": Range(1, 1_000_000),
     "demo.train_images": Range(1, COUNT),
     "demo.dev_images": Range(1, COUNT),
     "demo.test_images": Range(0, COUNT),

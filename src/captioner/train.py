@@ -341,9 +341,12 @@ class RunCheckpoint(keras.callbacks.Callback):
                 f"{state['epoch']} good epochs, start a new one with another --name"
             )
         improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
-        optimizer = self.model.optimizer
-        learning_rate = float(optimizer.learning_rate)
-        if not improved and self.lr_decay < 1:  # before the checkpoint, so a resume has it too
+        optimizer = getattr(self.model, "optimizer", None)  # None: a model never compiled
+        learning_rate = None
+        if optimizer is not None:  # a plain or (under tf.distribute) mirrored variable
+            learning_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        if not improved and self.lr_decay < 1 and learning_rate is not None:
+            # before the checkpoint is saved, so a resume goes on at the new rate
             optimizer.learning_rate = learning_rate * self.lr_decay
             log(
                 f"val_loss did not improve: learning rate {learning_rate:.3g} -> "
