@@ -1,9 +1,11 @@
 """Captions of real photographs end: a small model trained with the defaults on real Flickr8k
 features must write captions about as long as people's, not run to the length cap.
 
-The synthetic demo cannot show this (its captions have nearly fixed lengths). Trained on
-length-bucketed batches, this same test's model wrote captions of ~30 words, most at the cap
-("a young girl in a red shirt and a blue shirt and a blue shirt and ..."); docs/TRAINING.md.
+The synthetic demo cannot show this (its captions have nearly fixed lengths). This test's run
+gave BLEU-1 .600, 10.4 words against the references' 11.0, none at the cap, P(<end>) .49. The
+same run on length-bucketed batches (the old pipeline; docs/TRAINING.md): BLEU-1 .246, 31.9
+words, 80% at the cap, P(<end>) .10 ("a young girl in a red shirt and a red and white and white
+shirt is standing in a blue shirt and blue and a girl and a white shirt and red and girl is").
 Needs the real features of ../shared/real-flickr8k and the captions of ../shared/fixtures.
 """
 
@@ -22,7 +24,7 @@ NEEDED = (
     SHARED / "real-flickr8k" / "pooled" / "features.npy",
     SHARED / "fixtures" / "flickr8k" / "Flickr8k_text" / "Flickr8k.token.txt",
 )
-BLEU1_FLOOR = 0.45  # this small run scored 0.52-0.55 on the 300 dev images; run-on captions 0.2
+BLEU1_FLOOR = 0.50  # this small run: .600 on its 300 dev images; run-on captions: .246
 
 
 @pytest.mark.slow
