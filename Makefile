@@ -6,7 +6,7 @@ DEMO   := --dataset demo --data-dir data
 DEMO_START := $(shell date +%s)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint format bench clean-demo
+.PHONY: help install demo test lint format bench bench-quality clean-demo
 
 help:  ## List every target
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ bench: install  ## Benchmarks against the reference approach (see BENCHMARKS.md)
 	$(BIN)/python scripts/bench.py features
 	$(BIN)/python scripts/bench.py train
 	$(BIN)/python scripts/bench.py decode
+
+bench-quality: install  ## Caption quality on real Flickr8k features (dev), ours vs the reference (~30 min)
+	$(BIN)/python scripts/bench.py quality
 
 clean-demo:  ## Remove the demo data and run
 	rm -rf data/demo runs/demo
