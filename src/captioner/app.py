@@ -192,10 +192,13 @@ def open_image(data: bytes, name: str) -> Image.Image:
         ) from None
 
 
+EMPTY_CAPTION = "(empty caption: the model ended at once)"
+
+
 def caption_markdown(caption: str) -> str:
     """A caption as bold Markdown text: special characters escaped, an empty one named."""
     if not caption.strip():
-        return "*(empty caption: the model ended at once)*"
+        return f"*{EMPTY_CAPTION}*"
     return "**" + re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", caption) + "**"
 
 
