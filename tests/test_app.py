@@ -198,16 +198,16 @@ def test_page_shows_every_models_caption_side_by_side(
 ):
     import streamlit as st
 
-    from captioner import caption
+    from captioner import rundir
 
     loads = []
-    real_load_run = caption.load_run
+    real_load_run = rundir.load_run
 
     def counting_load_run(*args, **kwargs):
         loads.append(args)
         return real_load_run(*args, **kwargs)
 
-    monkeypatch.setattr(caption, "load_run", counting_load_run)
+    monkeypatch.setattr(rundir, "load_run", counting_load_run)
     st.cache_resource.clear()  # earlier tests may have loaded these runs already
     page.run()
     assert not page.exception and not page.error
@@ -218,7 +218,9 @@ def test_page_shows_every_models_caption_side_by_side(
     assert [h.value for h in page.subheader] == [app.model_name(r) for r in runs]
     shown = [m.value for m in page.markdown]
     for run in runs:
-        assert f"**{expected[(run.name, 3)]}**" in shown  # beam search, width 3, by default
+        assert (
+            app.caption_markdown(expected[(run.name, 3)]) in shown
+        )  # beam search, width 3, by default
     timings = [c.value for c in page.caption]
     assert len([t for t in timings if t.startswith("beam 3, ") and t.endswith(" s")]) == 2
 
@@ -236,7 +238,7 @@ def test_page_greedy_choice_gives_greedy_captions(page, runs, expected, flickr8k
     page.run()
     assert not page.exception and not page.sidebar.slider  # no beam width for greedy
     shown = [m.value for m in page.markdown]
-    assert all(f"**{expected[(run.name, 1)]}**" in shown for run in runs)
+    assert all(app.caption_markdown(expected[(run.name, 1)]) in shown for run in runs)
     assert all(c.value.startswith("greedy, ") for c in page.caption if c.value.endswith(" s"))
 
 

@@ -144,7 +144,7 @@ def test_train_evaluate_caption_through_the_cli(tmp_path, monkeypatch):
     result = runner.invoke(main, ["evaluate", "--run", "runs/tiny", "--split", "test"])
     assert result.exit_code == 0, result.output
     card = Path("runs/tiny/README.md").read_text()  # rewritten with the evaluation
-    bleu4 = json.loads(Path("runs/tiny/metrics.json").read_text())["metrics"]["bleu4"]
+    bleu4 = json.loads(Path("runs/tiny/metrics-test-beam3.json").read_text())["metrics"]["bleu4"]
     assert "Not evaluated yet" not in card and "| test | 3 | 6 | " in card
     assert f" {bleu4:.3f} " in card and "## Sample captions" in card
     assert "captioner caption photo.jpg --model runs/tiny" in card

@@ -16,7 +16,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 from tinydata import write_dataset
 
-from captioner import distribute, pipeline, run_data, train
+from captioner import distribute, pipeline, run_data, rundir, train
 from captioner.cli import main
 from captioner.config import from_dict, load_config
 from captioner.errors import CaptionerError
@@ -194,7 +194,7 @@ def test_early_stopping_best_model_and_checkpoint_pruning(tmp_path):
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
     model.compile(optimizer="adam", loss="mse")
-    state = train._initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
+    state = rundir.initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
     callback = train.RunCheckpoint(tmp_path, state, patience=2)
     callback.set_model(model)
     for epoch, val_loss in enumerate([3.0, 2.0, 2.5, 2.1]):
@@ -214,7 +214,7 @@ def test_learning_rate_decays_after_an_epoch_without_improvement_and_is_checkpoi
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    state = train._initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
+    state = rundir.initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
     callback = train.RunCheckpoint(tmp_path, state, patience=0, lr_decay=0.5)
     callback.set_model(model)
     for epoch, val_loss in enumerate([3.0, 2.0, 2.5, 2.6, 1.0]):

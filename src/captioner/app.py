@@ -154,12 +154,12 @@ def run_dirs_from_env(environ: Mapping[str, str] = os.environ) -> list[Path]:
 
 def model_name(run_dir: Path) -> str:
     """'<run name> (<dataset>, <encoder>)' from the run's config.json, or just the folder name."""
-    try:
-        config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-        data, features = config["data"], config["features"]
-        return f"{Path(run_dir).name} ({data['dataset']}, {features['encoder']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return Path(run_dir).name
+    from captioner.runs import read_run
+
+    summary = read_run(Path(run_dir))  # never raises: a damaged config.json leaves fields empty
+    if not (summary.dataset and summary.encoder):
+        return summary.name
+    return f"{summary.name} ({summary.dataset}, {summary.encoder})"
 
 
 def example_images(
@@ -167,13 +167,13 @@ def example_images(
 ) -> list[Path]:
     """Images from `folder`, else the test split of the first run's dataset; [] if none found."""
     from captioner import clean
-    from captioner.config import from_dict
+    from captioner.rundir import read_config
 
     try:
         if folder:
             paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower()[1:] in IMAGE_TYPES)
             return paths[:limit]
-        cfg = from_dict(json.loads((Path(run_dirs[0]) / "config.json").read_text("utf-8")))
+        cfg = read_config(run_dirs[0])
         captions, images_dir = clean.load_captions(cfg)
     except (OSError, ValueError, KeyError, IndexError):  # CaptionerError is a ValueError
         return []  # examples are a convenience: the page works without them
@@ -223,10 +223,10 @@ def caption_image(
 @st.cache_resource(show_spinner="Loading models (once)...")
 def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
     """(name, LoadedRun) per run, loaded once per server process, not per upload."""
-    from captioner import caption
+    from captioner import rundir
 
     encoders: dict = {}  # runs made with the same encoder share one copy of it
-    models = [(model_name(Path(d)), caption.load_run(Path(d), encoders=encoders)) for d in run_dirs]
+    models = [(model_name(Path(d)), rundir.load_run(Path(d), encoders=encoders)) for d in run_dirs]
     # The first call traces TensorFlow functions (seconds); do it now for the default beam
     # width, so the time shown for a user's image is the real captioning time.
     blank = io.BytesIO()
