@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from guard import changed_outside, snapshot
 
-from captioner import clean
+from captioner.captions import load_captions
 from captioner.cli import main
 from captioner.errors import CaptionerError
 
@@ -148,7 +148,7 @@ def test_captions_csv_edited_to_leave_the_image_folder_is_refused(tiny_config, f
     frame.loc[0, "image"] = "../../secret.jpg"
     frame.to_csv(cfg.captions_csv, index=False)
     with pytest.raises(CaptionerError, match="'../../secret.jpg' is outside the image"):
-        clean.load_captions(cfg)
+        load_captions(cfg)
 
 
 def test_exact_repeats_are_dropped_and_counted(tmp_path, flickr8k_fixtures):

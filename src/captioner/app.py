@@ -166,7 +166,7 @@ def example_images(
     run_dirs: Sequence[Path], folder: str | None = None, limit: int = MAX_EXAMPLES
 ) -> list[Path]:
     """Images from `folder`, else the test split of the first run's dataset; [] if none found."""
-    from captioner import clean
+    from captioner.captions import load_captions
     from captioner.rundir import read_config
 
     try:
@@ -174,7 +174,7 @@ def example_images(
             paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower()[1:] in IMAGE_TYPES)
             return paths[:limit]
         cfg = read_config(run_dirs[0])
-        captions, images_dir = clean.load_captions(cfg)
+        captions, images_dir = load_captions(cfg)
     except (OSError, ValueError, KeyError, IndexError):  # CaptionerError is a ValueError
         return []  # examples are a convenience: the page works without them
     names = captions.loc[captions["split"] == "test", "image"].drop_duplicates().head(limit)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from captioner import metrics, run_data
+from captioner import captions, metrics, run_data
 from captioner.card import write_card
 from captioner.config import replace
 from captioner.errors import CaptionerError
@@ -127,26 +127,21 @@ def _previous(path: Path, predictions: Path, expected: dict) -> dict | None:
 
 def split_references(run: LoadedRun, split: str) -> dict[str, list[str]]:
     """{image: its clean captions} for the split, images in captions.csv order."""
-    from captioner.clean import load_captions
-
     cfg = run.cfg
     if not cfg.captions_csv.is_file():
         raise CaptionerError(
             f"{cfg.captions_csv}: not found; pass --data-dir DIR where the run's "
             f"dataset '{cfg.data.dataset}' lives (DIR/{cfg.data.dataset}/)"
         )
-    frame, _ = load_captions(cfg)
-    rows = frame[frame["split"] == split]
+    frame, _ = captions.load_captions(cfg)
+    rows = captions.split_rows(frame, split)
     if rows.empty:
         found = ", ".join(sorted(set(frame["split"]))) or "none"
         raise CaptionerError(
             f"{cfg.captions_csv}: no images in split '{split}' (splits: "
             f"{found}); pass --split with one of them"
         )
-    references: dict[str, list[str]] = {}
-    for image, caption in zip(rows["image"], rows["caption"], strict=True):
-        references.setdefault(image, []).append(caption)
-    return references
+    return captions.references(rows)
 
 
 def split_features(

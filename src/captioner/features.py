@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from captioner.captions import load_captions
 from captioner.config import Config, parse_shard
 from captioner.errors import CaptionerError
 from captioner.feature_cache import FORMAT, assemble, load_cache, read_bad, save_npy, write_cache
@@ -40,8 +41,6 @@ def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 
 # --- settings and image list ----------------------------------------------------------------------
 def _image_list(cfg: Config) -> tuple[list[str], Path]:
     """Unique image names from captions.csv in file order, and the folder holding them."""
-    from captioner.clean import load_captions
-
     frame, images_dir = load_captions(cfg)
     return list(dict.fromkeys(frame["image"])), images_dir
 

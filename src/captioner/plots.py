@@ -353,9 +353,9 @@ def plot(cfg: Config, out_dir: Path, run_dir: Path | None = None) -> list[Path]:
 
     Test images of a run are looked up in `cfg`'s dataset, so pass the run's --dataset.
     """
-    from captioner import clean
+    from captioner.captions import load_captions
 
-    captions, images_dir = clean.load_captions(cfg)
+    captions, images_dir = load_captions(cfg)
     jobs = _dataset_jobs(cfg, captions, images_dir) | _run_jobs(run_dir, images_dir)
     written = []
     for name, job in tqdm(jobs.items(), desc="plots", unit="plot"):

@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from captioner import data, distribute, model, monitor, pipeline, rundir
+from captioner import captions, data, distribute, model, monitor, pipeline, rundir
 from captioner.card import write_card
 from captioner.config import Config
 from captioner.errors import CaptionerError
@@ -117,9 +117,11 @@ def _fit(
 def _datasets(cfg: Config, vocab: Vocabulary, cache: Any) -> tuple[Any, Any, np.ndarray]:
     """Training and dev tf.data pipelines, and the training captions' feature rows."""
     train_rows, train_captions = data.encode_split(
-        data.read_split(cfg, "train"), vocab, cache.row, "train"
+        captions.read_split(cfg, "train"), vocab, cache.row, "train"
     )
-    dev_rows, dev_captions = data.encode_split(data.read_split(cfg, "dev"), vocab, cache.row, "dev")
+    dev_rows, dev_captions = data.encode_split(
+        captions.read_split(cfg, "dev"), vocab, cache.row, "dev"
+    )
     if not dev_captions:
         raise CaptionerError(
             f"{cfg.captions_csv}: no dev captions with features; validation "
