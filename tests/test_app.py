@@ -83,9 +83,9 @@ def captions_of(runs: tuple[Path, ...], image: Path) -> dict[tuple[str, int], st
     """What caption.load_run says for the image: {(run name, beam): caption}."""
     from captioner import caption
 
-    result, encoders = {}, {}  # both runs use the same encoder, as runs on one cache do
+    result = {}  # both runs use the same encoder, as runs on one cache do
     for run in runs:
-        loaded = caption.load_run(run, encoders=encoders)
+        loaded = caption.load_run(run)
         for beam in (1, 3):
             captions, failures = loaded.caption_files([image], beam=beam)
             assert not failures

@@ -51,10 +51,10 @@ def test_folders_expand_to_their_images(tmp_path):
 
 @pytest.mark.slow
 def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, monkeypatch):
-    from captioner import evaluate, features
+    from captioner import encoders, evaluate
 
     images = sorted((flickr8k_like / "Flicker8k_Dataset").glob("*.jpg"))[:24]  # as write_run
-    encoder = features.build_encoder(ENCODER, "none", "float32", seed=0)
+    encoder = encoders.build_encoder(ENCODER, "none", "float32", seed=0)
     cached, ok, failures = encoder.encode_files(images, batch_size=8)
     assert len(ok) == 24 and not failures
     run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_like, features=cached)
@@ -90,14 +90,13 @@ def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, m
     folder.mkdir()
     for image in images[:3]:
         shutil.copy(image, folder)
-    built = []
-    monkeypatch.setattr(features, "build_encoder", lambda *a, **k: built.append(a) or encoder)
+    encoders._build.cache_clear()
     assert (
         caption.caption_command([str(folder)], [str(run_dir), str(second)], beam=1, as_json=True)
         == 0
     )
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(built) == 1 and len(records) == 6
+    assert encoders._build.cache_info().misses == 1 and len(records) == 6
     assert {r["model"] for r in records} == {"tiny", "second"}
     assert records[0]["image"] == records[1]["image"] == str(folder / images[0].name)
     assert records[0]["caption"] == records[1]["caption"]  # same weights, same caption

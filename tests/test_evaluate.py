@@ -14,7 +14,7 @@ from captioner import metrics
 from captioner.errors import CaptionerError
 from captioner.text import normalize
 
-ENCODER, DIM = "mobilenetv3small", 576  # the run's recorded encoder (see features.build_encoder)
+ENCODER, DIM = "mobilenetv3small", 576  # the run's recorded encoder (see encoders.build_encoder)
 
 
 def fixture_captions(fixtures: Path, images: int | None = None) -> dict[str, list[str]]:

@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from captioner.errors import CaptionerError
+from captioner.formats import IMAGE_SUFFIXES, is_image_name
 
 try:  # the optional extra: one readable line instead of an ImportError traceback
     import streamlit as st
@@ -33,7 +34,7 @@ except ImportError:
 
 MODELS_ENV = "CAPTIONER_APP_MODELS"  # JSON list of run directories
 EXAMPLES_ENV = "CAPTIONER_APP_EXAMPLES"  # optional folder of example images
-IMAGE_TYPES = ["jpg", "jpeg", "png", "bmp", "gif", "webp"]
+IMAGE_TYPES = [suffix[1:] for suffix in IMAGE_SUFFIXES]  # as Streamlit's uploader wants them
 MAX_EXAMPLES = 12
 DEFAULT_BEAM = 3
 
@@ -171,7 +172,7 @@ def example_images(
 
     try:
         if folder:
-            paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower()[1:] in IMAGE_TYPES)
+            paths = sorted(p for p in Path(folder).iterdir() if is_image_name(p.name))
             return paths[:limit]
         cfg = read_config(run_dirs[0])
         captions, images_dir = load_captions(cfg)
@@ -225,8 +226,8 @@ def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
     """(name, LoadedRun) per run, loaded once per server process, not per upload."""
     from captioner import rundir
 
-    encoders: dict = {}  # runs made with the same encoder share one copy of it
-    models = [(model_name(Path(d)), rundir.load_run(Path(d), encoders=encoders)) for d in run_dirs]
+    # runs made with the same encoder share one copy of it (encoders.build_encoder's cache)
+    models = [(model_name(Path(d)), rundir.load_run(Path(d))) for d in run_dirs]
     # The first call traces TensorFlow functions (seconds); do it now for the default beam
     # width, so the time shown for a user's image is the real captioning time.
     blank = io.BytesIO()

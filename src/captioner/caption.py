@@ -13,17 +13,16 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from captioner.formats import IMAGE_SUFFIXES, is_image_name
 from captioner.io import log
 from captioner.rundir import LoadedRun, load_run
 from captioner.runs import latest_run
 
 __all__ = ["LoadedRun", "caption_command", "expand_images", "latest_run", "load_run", "tsv_field"]
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 STREAM_CHUNK = 64  # images captioned (and printed) at a time by `captioner caption`
 
@@ -39,9 +38,7 @@ def expand_images(images: Iterable[str | Path]) -> tuple[list[str], list[tuple[s
             paths.append(str(path))
             continue
         found = sorted(
-            str(p)
-            for p in path.iterdir()
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            str(p) for p in path.iterdir() if is_image_name(p.name) and not p.name.startswith(".")
         )
         if not found:
             failures.append((str(path), f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
@@ -67,8 +64,7 @@ def caption_command(
     paths, empty_folders = expand_images(images)
     for folder, reason in empty_folders:
         log(f"{folder}: {reason}")
-    encoders: dict[tuple, Any] = {}
-    loaded = [load_run(run, encoders=encoders) for run in dict.fromkeys(runs)]
+    loaded = [load_run(run) for run in dict.fromkeys(runs)]  # one encoder per kind, shared
     failed = 0
     with tqdm(
         total=len(paths), unit="img", desc="captioning", file=sys.stderr, dynamic_ncols=True

@@ -318,7 +318,9 @@ def _dataset_jobs(cfg: Config, captions: pd.DataFrame, images_dir: Path) -> dict
         cache = load_cache(cfg.features_dir)
         return feature_space(cache.features, cache.ids, images_dir, path, seed=cfg.seed)
 
-    has_cache = (cfg.features_dir / "meta.json").is_file()  # meta.json is written last
+    from captioner.feature_cache import is_finished
+
+    has_cache = is_finished(cfg.features_dir)
     return {
         "samples.png": lambda path: sample_grid(captions, images_dir, path, seed=cfg.seed),
         "word_frequencies.png": lambda path: word_frequencies(captions["caption"], path),

@@ -270,10 +270,9 @@ class LoadedRun:
         return list(zip(ok_paths, captions, strict=True)), list(failures)
 
 
-def load_run(
-    run_dir: str | Path, with_encoder: bool = True, encoders: dict[tuple, Any] | None = None
-) -> LoadedRun:
-    """Load a run directory; `encoders` is a cache shared between runs (same encoder, one copy)."""
+def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
+    """Load a run directory. Runs made with the same encoder share one copy of it (the encoder
+    cache of encoders.build_encoder)."""
     run_dir = Path(run_dir)
     for name in INFERENCE_FILES:
         if not (run_dir / name).is_file():
@@ -301,26 +300,19 @@ def load_run(
     meta = read_json(run_dir / "features_meta.json")
     run = LoadedRun(run_dir, cfg, vocab, model, meta)
     if with_encoder:
-        run.encoder = _shared_encoder(meta, run_dir, {} if encoders is None else encoders)
+        run.encoder = _run_encoder(meta, run_dir)
     return run
 
 
-def _shared_encoder(meta: dict, run_dir: Path, encoders: dict[tuple, Any]):
+def _run_encoder(meta: dict, run_dir: Path):
     """The encoder that made the run's features: same network, weights, seed and precision."""
-    from captioner.features import build_encoder
+    from captioner.encoders import build_encoder
 
     try:
-        key = (
-            meta["encoder"],
-            meta["weights"],
-            meta.get("precision", "auto"),
-            meta.get("seed") or 0,
-        )
+        name, weights = meta["encoder"], meta["weights"]
     except KeyError as error:
         raise CaptionerError(
             f"{run_dir / 'features_meta.json'}: no {error} entry; "
             "retrain with the current captioner"
         ) from None
-    if key not in encoders:
-        encoders[key] = build_encoder(key[0], key[1], key[2], seed=key[3])
-    return encoders[key]
+    return build_encoder(name, weights, meta.get("precision", "auto"), seed=meta.get("seed") or 0)
