@@ -158,7 +158,7 @@ def quality(run_dir: str, split: str) -> dict:
         run.cfg = replace(
             base, **{"decode.length_penalty": length_penalty, "decode.no_repeat_ngram": ngram}
         )
-        captions = run.caption_features(features, beam)
+        captions = run.caption_features(features, run.decode_settings(beam))
         scores, _ = metrics.score_all(captions, refs, with_meteor=False)
         words = [caption.split() for caption in captions]
         bigrams = [list(zip(w[:-1], w[1:], strict=True)) for w in words]

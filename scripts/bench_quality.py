@@ -146,7 +146,7 @@ def run_ours(cfg) -> dict:
     seconds = time.perf_counter() - start
     run = load_run(run_dir, with_encoder=False)
     state = read_json(run_dir / "state.json")
-    settings = run.decode_settings()
+    settings = run.decode_settings().to_dict()
     result = measure(cfg, run.model, run.vocab.encode, run.vocab, settings)
     return {
         **result,

@@ -87,7 +87,7 @@ def captions_of(runs: tuple[Path, ...], image: Path) -> dict[tuple[str, int], st
     for run in runs:
         loaded = caption.load_run(run)
         for beam in (1, 3):
-            captions, failures = loaded.caption_files([image], beam=beam)
+            captions, failures = loaded.caption_files([image], loaded.decode_settings(beam))
             assert not failures
             result[(run.name, beam)] = captions[0][1]
     return result

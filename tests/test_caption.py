@@ -68,7 +68,7 @@ def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, m
     assert metrics_path == run_dir / "metrics-test-beam1.json"
     predictions = pd.read_csv(run_dir / "predictions-test-beam1.csv", keep_default_na=False)
     test_paths = [str(images[0].parent / name) for name in predictions["image"]]
-    captioned, failures = run.caption_files(test_paths, beam=1)
+    captioned, failures = run.caption_files(test_paths, run.decode_settings(1))
     assert failures == [] and [c for _, c in captioned] == list(predictions["caption"])
     capsys.readouterr()
 

@@ -36,7 +36,7 @@ MODELS_ENV = "CAPTIONER_APP_MODELS"  # JSON list of run directories
 EXAMPLES_ENV = "CAPTIONER_APP_EXAMPLES"  # optional folder of example images
 IMAGE_TYPES = [suffix[1:] for suffix in IMAGE_SUFFIXES]  # as Streamlit's uploader wants them
 MAX_EXAMPLES = 12
-DEFAULT_BEAM = 3
+BEAM_WIDTHS = (2, 10)  # the sidebar's slider
 
 
 @dataclass(frozen=True)
@@ -201,9 +201,10 @@ def caption_markdown(caption: str) -> str:
 
 
 def caption_image(
-    models: Sequence[tuple[str, Any]], data: bytes, name: str, beam: int
+    models: Sequence[tuple[str, Any]], data: bytes, name: str, beam: int | None = None
 ) -> list[Result]:
-    """Caption one image with every (name, LoadedRun); times each model separately."""
+    """Caption one image with every (name, LoadedRun), each with its run's decoding settings
+    (and `beam`, when the page chose one); times each model separately."""
     suffix = Path(name).suffix or ".jpg"
     results = []
     with tempfile.TemporaryDirectory() as folder:
@@ -211,7 +212,7 @@ def caption_image(
         path.write_bytes(data)
         for model, loaded in models:
             start = time.perf_counter()
-            captions, failures = loaded.caption_files([path], beam=beam)
+            captions, failures = loaded.caption_files([path], loaded.decode_settings(beam))
             seconds = time.perf_counter() - start
             if captions:
                 results.append(Result(model, captions[0][1], "", seconds))
@@ -228,12 +229,17 @@ def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
 
     # runs made with the same encoder share one copy of it (encoders.build_encoder's cache)
     models = [(model_name(Path(d)), rundir.load_run(Path(d))) for d in run_dirs]
-    # The first call traces TensorFlow functions (seconds); do it now for the default beam
-    # width, so the time shown for a user's image is the real captioning time.
+    # The first call traces TensorFlow functions (seconds); do it now for the runs' own decoding
+    # settings (the page's default), so the time shown for a user's image is the real one.
     blank = io.BytesIO()
     Image.new("RGB", (64, 64), "gray").save(blank, format="JPEG")
-    caption_image(models, blank.getvalue(), "warm-up.jpg", beam=DEFAULT_BEAM)
+    caption_image(models, blank.getvalue(), "warm-up.jpg")
     return models
+
+
+def default_beam(models: Sequence[tuple[str, Any]]) -> int:
+    """The page's initial beam width: the first run's own (its config.json's decode.beam)."""
+    return models[0][1].decode_settings().beam
 
 
 # --- the page ------------------------------------------------------------------------------
@@ -251,8 +257,11 @@ def page() -> None:
         return
 
     with st.sidebar:
-        decoding = st.radio("Decoding", ["greedy", "beam search"], index=1)
-        beam = st.slider("Beam width", 2, 10, DEFAULT_BEAM) if decoding == "beam search" else 1
+        run_beam = default_beam(models)
+        decoding = st.radio("Decoding", ["greedy", "beam search"], index=int(run_beam > 1))
+        low, high = BEAM_WIDTHS
+        width = min(max(run_beam, low), high)
+        beam = st.slider("Beam width", low, high, width) if decoding == "beam search" else 1
     upload_column, example_column = st.columns(2)
     upload = upload_column.file_uploader("Upload an image", type=IMAGE_TYPES)
     examples = example_images(run_dirs, os.environ.get(EXAMPLES_ENV))

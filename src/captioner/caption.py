@@ -18,7 +18,7 @@ import numpy as np
 
 from captioner.formats import IMAGE_SUFFIXES, is_image_name
 from captioner.io import log
-from captioner.rundir import LoadedRun, load_run
+from captioner.rundir import DecodeSettings, LoadedRun, load_run
 from captioner.runs import latest_run
 
 __all__ = ["LoadedRun", "caption_command", "expand_images", "latest_run", "load_run", "tsv_field"]
@@ -65,26 +65,27 @@ def caption_command(
     for folder, reason in empty_folders:
         log(f"{folder}: {reason}")
     loaded = [load_run(run) for run in dict.fromkeys(runs)]  # one encoder per kind, shared
+    decoding = [run.decode_settings(beam) for run in loaded]  # each run's config plus --beam
     failed = 0
     with tqdm(
         total=len(paths), unit="img", desc="captioning", file=sys.stderr, dynamic_ncols=True
     ) as progress:
         for start in range(0, len(paths), STREAM_CHUNK):
             chunk = paths[start : start + STREAM_CHUNK]
-            failed += _print_chunk(chunk, _caption_chunk(loaded, chunk, beam), loaded, as_json)
+            failed += _print_chunk(chunk, _caption_chunk(loaded, decoding, chunk), loaded, as_json)
             progress.update(len(chunk))
     return failed + len(empty_folders)
 
 
 def _caption_chunk(
-    loaded: Sequence[LoadedRun], chunk: Sequence[str], beam: int | None
+    loaded: Sequence[LoadedRun], decoding: Sequence[DecodeSettings], chunk: Sequence[str]
 ) -> tuple[list[dict[str, str]], dict[str, str]]:
     """([{path: caption}] per run, {path: reason} of unreadable images); each image is encoded
     once per distinct encoder, however many runs share it."""
     encoded: dict[int, tuple[np.ndarray, list[str]]] = {}
     failed: dict[str, str] = {}
     captions = []
-    for run in loaded:
+    for run, settings in zip(loaded, decoding, strict=True):
         if id(run.encoder) not in encoded:
             features, ok, failures = run.encoder.encode_files(
                 chunk, batch_size=run.cfg.features.batch_size
@@ -93,7 +94,7 @@ def _caption_chunk(
             for path, reason in failures:
                 failed.setdefault(path, reason)
         features, ok = encoded[id(run.encoder)]
-        captions.append(dict(zip(ok, run.caption_features(features, beam), strict=True)))
+        captions.append(dict(zip(ok, run.caption_features(features, settings), strict=True)))
     return captions, failed
 
 

@@ -57,7 +57,8 @@ def evaluate(
     run = load_run(run_dir, with_encoder=False)
     if data_dir is not None:
         run.cfg = replace(run.cfg, **{"data.data_dir": data_dir})
-    settings = run.decode_settings(beam)
+    decoding = run.decode_settings(beam)  # resolved once: run's config plus --beam
+    settings = decoding.to_dict()
     references = split_references(run, split)
     data = run_data.check(run_dir, run.cfg)  # refuses captions the run was not trained on
     scored = {
@@ -85,7 +86,7 @@ def evaluate(
         dynamic_ncols=True,
     ) as progress:
         for start in range(0, len(images), CHUNK):
-            hypotheses += run.caption_features(features[start : start + CHUNK], settings["beam"])
+            hypotheses += run.caption_features(features[start : start + CHUNK], decoding)
             progress.update(min(CHUNK, len(images) - start))
     refs = [references[image] for image in images]
     scores, notes = metrics.score_all(hypotheses, refs, with_meteor=with_meteor)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +218,20 @@ def read_config(run_dir: str | Path) -> Config:
     return from_dict(read_json(Path(run_dir) / "config.json"))
 
 
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How captions are decoded, resolved once from a run's config plus flags and passed down
+    to decode.decode; its dict is what metrics files record as "decoding"."""
+
+    beam: int  # 1 = greedy (unless n-grams are blocked)
+    length_penalty: float
+    no_repeat_ngram: int
+    max_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class LoadedRun:
     """A trained run, loaded once: model, vocabulary, decoding settings and (optionally) encoder."""
@@ -233,30 +247,34 @@ class LoadedRun:
     def name(self) -> str:
         return self.run_dir.name
 
-    def decode_settings(self, beam: int | None = None) -> dict[str, Any]:
-        """Beam width (argument, else the run's config), length penalty, n-gram block, cap."""
+    def decode_settings(self, beam: int | None = None) -> DecodeSettings:
+        """The run's decoding settings (config.json), with `beam` (a --beam flag) when given."""
         decode_cfg = self.cfg.decode
         beam = decode_cfg.beam if beam is None else beam
         if beam not in LIMITS["decode.beam"]:  # the same range as the config key
             raise CaptionerError(f"--beam must be {LIMITS['decode.beam']} (1 = greedy), got {beam}")
-        return {
-            "beam": beam,
-            "length_penalty": decode_cfg.length_penalty,
-            "no_repeat_ngram": decode_cfg.no_repeat_ngram,
-            "max_length": decode_cfg.max_length or self.vocab.max_length,
-        }
+        return DecodeSettings(
+            beam=beam,
+            length_penalty=decode_cfg.length_penalty,
+            no_repeat_ngram=decode_cfg.no_repeat_ngram,
+            max_length=decode_cfg.max_length or self.vocab.max_length,
+        )
 
-    def caption_features(self, features: np.ndarray, beam: int | None = None) -> list[str]:
-        """Captions for precomputed features (N, D) of this run's encoder."""
+    def caption_features(
+        self, features: np.ndarray, decoding: DecodeSettings | None = None
+    ) -> list[str]:
+        """Captions for precomputed features (N, D) of this run's encoder; `decoding` defaults to
+        the run's own settings (decode_settings())."""
         from captioner import decode
 
         if len(features) == 0:
             return []
-        ids = decode.decode(self.model, features, **self.decode_settings(beam))
+        settings = decoding or self.decode_settings()
+        ids = decode.decode(self.model, features, **settings.to_dict())
         return [self.vocab.decode(words) for words in ids]
 
     def caption_files(
-        self, paths: list[str | Path], beam: int | None = None
+        self, paths: list[str | Path], decoding: DecodeSettings | None = None
     ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """([(path, caption)] for readable images, [(path, reason)] for the others)."""
         if self.encoder is None:
@@ -266,7 +284,7 @@ class LoadedRun:
         features, ok_paths, failures = self.encoder.encode_files(
             [str(p) for p in paths], batch_size=self.cfg.features.batch_size
         )
-        captions = self.caption_features(features, beam)
+        captions = self.caption_features(features, decoding)
         return list(zip(ok_paths, captions, strict=True)), list(failures)
 
 
