@@ -167,7 +167,7 @@ def run_reference(cfg, max_epochs: int) -> dict:
     from captioner.captions import read_split
     from captioner.config import ModelConfig
     from captioner.feature_cache import load_cache
-    from captioner.model import build_model, compile_model
+    from captioner.models.merge import build_model, compile_model
     from captioner.text import UNK_ID
     from captioner.tokenizer import Vocabulary
 

@@ -114,7 +114,7 @@ def train_epoch(features, rows, captions, vocab, batch_size, precision, seed, de
 
     from captioner.config import ModelConfig, TrainConfig
     from captioner.data import make_dataset
-    from captioner.model import build_model, compile_model
+    from captioner.models.merge import build_model, compile_model
 
     keras.utils.set_random_seed(seed)
     model = build_model(FEATURE_DIM, vocab, ModelConfig(), precision=precision)
@@ -187,7 +187,7 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
     """
     import tensorflow as tf
 
-    from captioner.model import output_cross_entropy
+    from captioner.models.merge import output_cross_entropy
 
     output, rnn = model.get_layer("logits"), model.get_layer("rnn")
     embed = model.get_layer("embedding").output_dim

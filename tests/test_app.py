@@ -32,7 +32,7 @@ def make_run(run_dir: Path, dataset: str, fixtures: Path, seed: int) -> Path:
     """A finished run with random weights: real vocabulary, tiny model, no training."""
     import keras
 
-    from captioner.model import build_model
+    from captioner.models.merge import build_model
 
     keras.utils.set_random_seed(seed)
     cfg = load_config(

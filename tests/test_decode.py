@@ -9,7 +9,7 @@ keras = pytest.importorskip("keras")
 
 from captioner import decode, reference  # noqa: E402
 from captioner.config import ModelConfig  # noqa: E402
-from captioner.model import build_model  # noqa: E402
+from captioner.models.merge import build_model  # noqa: E402
 from captioner.text import END_ID, PAD_ID, START_ID, UNK_ID  # noqa: E402
 from captioner.tokenizer import Vocabulary  # noqa: E402
 

@@ -134,7 +134,7 @@ def write_run(tmp_path: Path, tiny_config, fixtures: Path, features: np.ndarray 
 
     from captioner.config import ModelConfig
     from captioner.io import write_json
-    from captioner.model import build_model
+    from captioner.models.merge import build_model
     from captioner.tokenizer import Vocabulary
 
     cfg = tiny_config(

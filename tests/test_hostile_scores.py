@@ -90,10 +90,10 @@ def test_nan_loss_during_training_never_finishes_a_run(
     training stops with one line and state.json stays strict JSON of an unfinished run."""
     cfg = mini_config(tmp_path, **HANDMADE, **{"train.name": "nan"})
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=5)
-    compile_model = train.model.compile_model
-    monkeypatch.setattr(
-        train.model, "compile_model", lambda net, rate: compile_model(net, math.nan)
-    )
+    from captioner.models import merge
+
+    compile_model = merge.compile_model
+    monkeypatch.setattr(merge, "compile_model", lambda net, rate: compile_model(net, math.nan))
     with pytest.raises(CaptionerError, match="training diverged in epoch 1 \\(loss nan"):
         train.train(cfg)
     run_dir = Path(cfg.train.runs_dir) / "nan"

@@ -434,3 +434,28 @@ def test_cli_train_runs_every_missing_stage_on_a_tiny_demo_dataset(tmp_path, cap
     err = capsys.readouterr().err
     for output in ("captions.csv", "features/mobilenetv3small", "vocab.json"):
         assert f"reusing {dataset / output}" in err  # every stage's output is reused
+
+
+def test_a_run_saved_before_model_decoder_existed_resumes_as_a_merge_run(tmp_path):
+    """config.json of runs made before model.decoder has no such key: read as "merge", and a
+    --resume with the default decoder is not refused as a change of settings."""
+    from captioner.io import write_json
+    from captioner.runs import read_run
+
+    cfg = mini_config(tmp_path)
+    run_dir, features = tmp_path / "old", tmp_path / "features"
+    run_dir.mkdir()
+    features.mkdir()
+    saved = cfg.to_dict()
+    del saved["model"]["decoder"]
+    write_json(run_dir / "config.json", saved)
+    for path in (run_dir / "vocab.json", run_dir / "features_meta.json", features / "meta.json"):
+        write_json(path, {"dim": 7})
+    rundir._check_resumable(run_dir, cfg, {"vocab": run_dir / "vocab.json", "features": features})
+    assert rundir.read_config(run_dir).model.decoder == "merge"
+    assert read_run(run_dir).decoder == "merge"
+    other = mini_config(tmp_path, **{"model.units": 99})
+    with pytest.raises(CaptionerError, match="model.units"):
+        rundir._check_resumable(
+            run_dir, other, {"vocab": run_dir / "vocab.json", "features": features}
+        )

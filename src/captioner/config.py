@@ -85,6 +85,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # Which caption model (captioner/models/): "merge" is the notebook's. Runs saved before this
+    # key existed are merge runs, and read as such.
+    decoder: str = "merge"
     embed_dim: int = 256
     units: int = 256
     dropout: float = 0.4
@@ -198,6 +201,10 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "download.retries": Range(0, 100),
     "download.backoff": Range(0, 3600),
     "download.timeout": Range(0, 86400, open_low=True),
+    "download.stall_seconds": Range(0, 86400, open_low=True),
+    "download.min_speed": Range(0, 1 << 40),  # bytes/s; 0 = never cut a slow transfer
+    "download.max_extract_bytes": Range(1, 1 << 60),
+    "download.max_extract_ratio": Range(1, 1e9),
     "demo.train_images": Range(1, COUNT),
     "demo.dev_images": Range(1, COUNT),
     "demo.test_images": Range(0, COUNT),
@@ -212,6 +219,7 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "model.embed_dim": Range(1, 65536),
     "model.units": Range(1, 65536),
     "model.dropout": Range(0, 1, open_high=True),
+    "model.decoder": ("merge",),  # models.DECODERS (tests/test_model.py checks they agree)
     "model.cell": ("lstm", "gru"),
     "train.epochs": Range(1, 100_000),
     "train.batch_size": Range(1, 1 << 20),

@@ -24,7 +24,7 @@ import numpy as np
 from captioner import captions
 from captioner.config import Config
 from captioner.io import log, read_json, write_json
-from captioner.model import image_vector, initial_state, step
+from captioner.models import decoder_for
 from captioner.text import END_ID, START_ID
 from captioner.tokenizer import Vocabulary
 
@@ -67,13 +67,13 @@ def greedy_captions(model: keras.Model, features: np.ndarray, vocab: Vocabulary)
     with warnings.catch_warnings():
         # The embedding's mask reaches the LSTM cell, which warns it drops it: one token has none.
         warnings.filterwarnings("ignore", "Layer '.*_cell'.*does not support masking")
-        image = image_vector(model, features)  # (B, U)
-        state = initial_state(model, len(features))
+        decoder = decoder_for(model)
+        state = decoder.start(features)
         tokens = np.full(len(features), START_ID, np.int32)
         words = []
         for _ in range(vocab.max_length):
-            logits, state = step(model, image, tokens, state)  # (B, V)
-            logits = keras.ops.convert_to_numpy(logits)
+            hidden, state, _ = decoder.step(tokens, state)  # (B, U)
+            logits = keras.ops.convert_to_numpy(decoder.logits(hidden))  # (B, V)
             logits[:, :END_ID] = -np.inf  # never <pad>, <unk> or <start>
             tokens = logits.argmax(axis=1).astype(np.int32)
             words.append(tokens)

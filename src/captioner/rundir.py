@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from captioner import run_data
-from captioner.config import LIMITS, Config, from_dict
+from captioner.config import LIMITS, Config, ModelConfig, from_dict
 from captioner.errors import CaptionerError
 from captioner.io import (
     atomic_write_bytes,
@@ -167,6 +167,7 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 def _check_resumable(run_dir: Path, cfg: Config, paths: dict[str, Path]) -> None:
     """The same settings and the same vocabulary and features as when the run started."""
     saved, now = _flatten(read_json(run_dir / "config.json")), _flatten(cfg.to_dict())
+    saved.setdefault("model.decoder", ModelConfig.decoder)  # runs made before the key existed
     for key in sorted(now):
         if key.startswith(RESUME_KEYS) and saved.get(key) != now[key]:
             raise CaptionerError(
@@ -298,7 +299,7 @@ def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
                 f"{run_dir}: no {name}, not a finished training run; train "
                 "one with `captioner train` or pass another --model/--run"
             )
-    from captioner.model import load_saved  # also registers the model's custom layers
+    from captioner.models import decoder_for, load_saved  # registers the models' Keras classes
 
     state_path = run_dir / "state.json"
     state = read_json(state_path) if state_path.is_file() else {}
@@ -310,9 +311,10 @@ def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
     cfg = read_config(run_dir)
     vocab = Vocabulary.load(run_dir / "vocab.json")
     model = load_saved(run_dir / "model.keras", "copy the run again, or train it again")
-    if model.get_layer("logits").units != vocab.size:
+    predicted = decoder_for(model).vocab_size
+    if predicted != vocab.size:
         raise CaptionerError(
-            f"{run_dir}: model.keras predicts {model.get_layer('logits').units}"
+            f"{run_dir}: model.keras predicts {predicted}"
             f" words but vocab.json has {vocab.size}; the run is inconsistent"
         )
     meta = read_json(run_dir / "features_meta.json")

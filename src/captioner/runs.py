@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
 from captioner.io import read_json
 
 # Files of which any one makes a folder a run directory (the first two are written first).
 RUN_FILES = ("config.json", "state.json", "model.keras")
-DEFAULT_DECODER = "merge"  # runs made before model.decoder existed
+DEFAULT_DECODER = ModelConfig.decoder  # runs made before model.decoder existed
 # --sort columns: name -> (key of a summary, higher is better?)
 SORT_COLUMNS = {
     "name": False,

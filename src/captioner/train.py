@@ -1,4 +1,4 @@
-"""The train stage: fit the merge model on cached features, in a run directory that can resume.
+"""The train stage: fit the caption model (model.decoder) on cached features, resumably.
 
 The run directory (its files, state.json as the commit point, --resume) is rundir.py's; this
 module decides what happens after each epoch (RunCheckpoint: best model, early stopping, learning
@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from captioner import captions, data, distribute, model, monitor, pipeline, rundir
+from captioner import captions, data, distribute, models, monitor, pipeline, rundir
 from captioner.card import write_card
 from captioner.config import Config
 from captioner.errors import CaptionerError
@@ -66,14 +66,14 @@ def train(cfg: Config, resume: bool = False) -> Path:
     )
     with strategy.scope():
         if state["checkpoint"]:  # resume: weights, optimizer state and its step count
-            merge_model = model.load_saved(run_dir / state["checkpoint"], "start a new run")
+            caption_model = models.load_saved(run_dir / state["checkpoint"], "start a new run")
         else:
-            merge_model = _new_model(cfg, cache.features, train_rows, vocab.size)
+            caption_model = _new_model(cfg, cache, train_rows, vocab.size)
     checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, cfg.train.lr_decay, write=chief)
     if cfg.train.strategy == "multiworker":
         distribute.fit_multiworker(
             strategy,
-            merge_model,
+            caption_model,
             train_data,
             dev_data,
             cfg.train.epochs,
@@ -83,7 +83,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     else:
         # after the checkpoint each epoch: TensorBoard logs, dev captions, clock (monitor.py)
         callbacks = [checkpoint, *(monitor.callbacks(run_dir, cfg, cache, vocab) if chief else [])]
-        _fit(merge_model, train_data, dev_data, cfg.train.epochs, state["epoch"], callbacks)
+        _fit(caption_model, train_data, dev_data, cfg.train.epochs, state["epoch"], callbacks)
     log(f"{run_dir}: best val_loss {state['best_val_loss']:.4f} at epoch {state['best_epoch']}")
     if chief and state["finished"]:
         log(f"model card {write_card(run_dir)}")
@@ -91,7 +91,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
 
 
 def _fit(
-    merge_model: keras.Model,
+    caption_model: keras.Model,
     train_data,
     dev_data,
     epochs: int,
@@ -103,7 +103,7 @@ def _fit(
         # Bucketed batches have no known count, so Keras finds each epoch's end by running out
         # of data and warns about it; that end is expected here.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        merge_model.fit(
+        caption_model.fit(
             train_data,
             validation_data=dev_data,
             epochs=epochs,
@@ -147,18 +147,12 @@ def _datasets(cfg: Config, vocab: Vocabulary, cache: Any) -> tuple[Any, Any, np.
     return train_data, dev_data, train_rows
 
 
-def _new_model(
-    cfg: Config, features: np.ndarray, train_rows: np.ndarray, vocab_size: int
-) -> keras.Model:
-    """A compiled merge model; feature statistics only when the model normalises features."""
+def _new_model(cfg: Config, cache: Any, train_rows: np.ndarray, vocab_size: int) -> keras.Model:
+    """A compiled model of cfg.model.decoder; feature statistics only when it normalises them."""
     mean = variance = None
     if cfg.model.normalize_features:
-        mean, variance = data.feature_stats(features, train_rows)
-    merge_model = model.build_model(
-        features.shape[1], vocab_size, cfg.model, mean, variance, precision=cfg.train.precision
-    )
-    model.compile_model(merge_model, cfg.train.learning_rate)
-    return merge_model
+        mean, variance = data.feature_stats(cache.features, train_rows)
+    return models.build(cfg, cache.meta, vocab_size, mean, variance)
 
 
 class RunCheckpoint(keras.callbacks.Callback):
