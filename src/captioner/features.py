@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from captioner.captions import load_captions
-from captioner.config import Config, parse_shard
+from captioner.config import Config
 from captioner.errors import CaptionerError
 from captioner.feature_cache import (
     FORMAT,
@@ -34,6 +34,7 @@ from captioner.feature_cache import (
     write_cache,
 )
 from captioner.io import library_versions, log, names_sha256, read_json, write_json
+from captioner.limits import parse_shard
 
 # Keys that must agree between a finished cache (or unfinished chunks, or shards) and the config.
 SETTINGS = ("encoder", "weights", "seed", "precision", "dtype", "images_sha256")

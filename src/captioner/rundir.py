@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from captioner import run_data
-from captioner.config import LIMITS, Config, ModelConfig, from_dict
+from captioner.config import Config, ModelConfig, from_dict
 from captioner.errors import CaptionerError
 from captioner.io import (
     atomic_write_bytes,
@@ -40,6 +40,7 @@ from captioner.io import (
     read_json,
     write_json,
 )
+from captioner.limits import LIMITS
 from captioner.runs import is_finished
 from captioner.tokenizer import Vocabulary
 
