@@ -7,85 +7,19 @@ so `--help` is instant and a bad setting is refused at once, before TensorFlow's
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from captioner import __version__
-from captioner.config import Config, load_config
-from captioner.errors import CaptionerError
+from captioner.cli_options import config_options, fail_cleanly, resolve
 from captioner.runs import SORT_COLUMNS
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise on stderr for a CLI.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a CaptionerError (or a file-system error) into one line on stderr and exit 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except CaptionerError as error:
-            raise click.ClickException(str(error)) from None
-        except OSError as error:
-            where = f"{error.filename}: " if error.filename else ""
-            raise click.ClickException(f"{where}{error.strerror or error}") from None
-        except KeyboardInterrupt:
-            click.echo(
-                "interrupted; finished work is kept, run the command again to resume", err=True
-            )
-            sys.exit(130)
-
-    return wrapper
-
-
-def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--config, --set, --dataset, --data-dir, --seed: shared by every data-touching command."""
-    options = [
-        click.option(
-            "--config",
-            "config_path",
-            type=click.Path(dir_okay=False),
-            help="TOML file on top of the defaults (default: configs/<dataset>.toml).",
-        ),
-        click.option(
-            "--set",
-            "overrides",
-            multiple=True,
-            metavar="SECTION.KEY=VALUE",
-            help="Override one setting, e.g. --set train.epochs=5 (repeatable).",
-        ),
-        click.option("--dataset", help="flickr8k, flickr30k, demo, or a name of your own."),
-        click.option("--data-dir", help="Root of the data layout (default ./data)."),
-        click.option("--seed", type=int, help="The one random seed (default 0)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def resolve(
-    config_path: str | None,
-    overrides: tuple[str, ...],
-    dataset: str | None,
-    data_dir: str | None,
-    seed: int | None,
-    **flags: Any,
-) -> Config:
-    return load_config(
-        config_path,
-        overrides,
-        dataset=dataset,
-        **{"data.data_dir": data_dir, "seed": seed},
-        **flags,
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,7 +38,7 @@ def main() -> None:
 @config_options
 @click.option("--mirror", help="Fetch the same file names from MIRROR/<file name>.")
 @click.option("--skip-checksum", is_flag=True, default=None, help="Do not verify md5 sums.")
-@_fail_cleanly
+@fail_cleanly
 def download(mirror: str | None, skip_checksum: bool | None, **common: Any) -> None:
     """Download and extract a dataset into DATA_DIR/<dataset>/raw/.
 
@@ -135,7 +69,7 @@ def download(mirror: str | None, skip_checksum: bool | None, **common: Any) -> N
 )
 @click.option("--captions", default=None, help="Your own caption file (with --format csv|coco).")
 @click.option("--images", default=None, help="Your own image folder (with --format csv|coco).")
-@_fail_cleanly
+@fail_cleanly
 def clean(
     split: str | None, fmt: str | None, captions: str | None, images: str | None, **common: Any
 ) -> None:
@@ -170,7 +104,7 @@ def clean(
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
 @click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (0..N-1).")
 @click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
-@_fail_cleanly
+@fail_cleanly
 def features(
     encoder: str | None,
     weights: str | None,
@@ -205,7 +139,7 @@ def features(
 @main.command()
 @config_options
 @click.option("--min-count", type=int, default=None, help="Rarer training words become <unk>.")
-@_fail_cleanly
+@fail_cleanly
 def tokenizer(min_count: int | None, **common: Any) -> None:
     """Build the vocabulary from the training split into DATA_DIR/<dataset>/vocab.json.
 
@@ -237,7 +171,7 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
     is_flag=True,
     help="Continue the named run from its last checkpoint (with more --epochs: a finished one).",
 )
-@_fail_cleanly
+@fail_cleanly
 def train(
     encoder: str | None,
     weights: str | None,
@@ -284,7 +218,7 @@ def train(
 @click.option("--split", default="test", show_default=True, help="train, dev or test.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--data-dir", default=None, help="Where the run's dataset lives, if moved.")
-@_fail_cleanly
+@fail_cleanly
 def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -> None:
     """Score a trained run: BLEU-1..4, CIDEr-D, ROUGE-L (METEOR with Java).
 
@@ -309,7 +243,7 @@ def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -
 @click.option("--runs-dir", default="runs", show_default=True, help="Where to look for runs.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of TSV.")
-@_fail_cleanly
+@fail_cleanly
 def caption(
     images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam: int | None, as_json: bool
 ) -> None:
@@ -336,7 +270,7 @@ def caption(
     type=click.Choice(list(SORT_COLUMNS)),
     help="Sort by this column (scores best first, others ascending).",
 )
-@_fail_cleanly
+@fail_cleanly
 def runs(runs_dir: str, as_json: bool, sort: str) -> None:
     """List the runs side by side: settings, epochs, best dev loss, every evaluation's scores.
 
@@ -375,7 +309,7 @@ def runs(runs_dir: str, as_json: bool, sort: str) -> None:
     type=click.Path(file_okay=False),
     help="Folder for the PNG files.",
 )
-@_fail_cleanly
+@fail_cleanly
 def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
     """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions.
 
@@ -410,7 +344,7 @@ def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
-@_fail_cleanly
+@fail_cleanly
 def app(runs: tuple[str, ...], examples: str | None, host: str, port: int) -> None:
     """Start the web page: upload an image, compare the captions of several models.
 
