@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -25,9 +26,15 @@ def test_help_of_every_subcommand_has_an_example(name: str):
     assert f"captioner {name}" in result.output
 
 
-def test_version():
+def test_version_is_the_packages_own():
+    """--version prints the version pyproject.toml declares (not a fallback such as 0.0.0)."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
     result = CliRunner().invoke(main, ["--version"])
-    assert result.exit_code == 0 and __version__ in result.output
+    assert result.exit_code == 0 and result.output == f"captioner, version {declared}\n"
+    assert __version__ == declared
 
 
 def test_help_does_not_import_tensorflow():

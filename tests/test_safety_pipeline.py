@@ -208,7 +208,8 @@ def test_app_port_is_checked_before_anything_starts(tmp_path, port):
 
 
 def test_empty_and_markdown_captions_are_escaped():
-    app = pytest.importorskip("captioner.app")
+    from captioner import app
+
     assert app.caption_markdown("") == "*(empty caption: the model ended at once)*"
     assert "****" not in app.caption_markdown("   ")
     assert app.caption_markdown("a dog") == "**a dog**"
