@@ -210,7 +210,8 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
         return [model.train_on_batch(inputs, targets)]
 
     totals = {"step": 0.0, "projection": 0.0, "rnn": 0.0}
-    for index, (inputs, targets) in enumerate(dataset.take(batches + 2)):
+    # repeat: a small dataset (--quick) may hold fewer than batches + 2 batches
+    for index, (inputs, targets) in enumerate(dataset.repeat().take(batches + 2)):
         labels = targets[targets != 0]
         hidden = tf.cast(tf.random.normal((int(labels.shape[0]), rnn.units)), output.compute_dtype)
         embedded = tf.random.normal((*targets.shape, embed))
