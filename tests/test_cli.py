@@ -1,5 +1,6 @@
 """The CLI layer: every subcommand documents itself, and bad input is one line, no traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,18 @@ def test_unknown_config_key_is_one_line_error(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == "Error: unknown config key 'train.epoch'"
     assert "Traceback" not in result.output
+
+
+def test_tensorflow_starts_quietly_unless_verbose():
+    """TensorFlow's native start-up lines (CUDA probing, oneDNN notes) never reach stderr from
+    start_tensorflow, while Python's own stderr works again right after it."""
+    code = (
+        "import sys; from captioner.cli_options import start_tensorflow; start_tensorflow(); "
+        "print('ours', file=sys.stderr)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CAPTIONER_VERBOSE"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0 and done.stderr == "ours\n"
+    assert "--verbose" in CliRunner().invoke(main, ["--help"]).output

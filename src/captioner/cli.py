@@ -15,7 +15,13 @@ from typing import Any
 import click
 
 from captioner import __version__
-from captioner.cli_options import config_options, fail_cleanly, resolve
+from captioner.cli_options import (
+    VERBOSE_ENV,
+    config_options,
+    fail_cleanly,
+    resolve,
+    start_tensorflow,
+)
 from captioner.runs import SORT_COLUMNS
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise on stderr for a CLI.
@@ -24,7 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="captioner")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's start-up messages on stderr.")
+def main(verbose: bool) -> None:
     """Train image-captioning models end to end and caption new images.
 
     \b
@@ -32,6 +39,8 @@ def main() -> None:
       captioner train --dataset demo
       captioner caption path/to/image.jpg
     """
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
 
 
 @main.command()
@@ -131,6 +140,7 @@ def features(
             "features.shard": shard,
         },
     )
+    start_tensorflow()
     from captioner import features as stage
 
     click.echo(stage.merge_shards(cfg) if merge else stage.extract(cfg))
@@ -202,6 +212,7 @@ def train(
             "train.strategy": strategy,
         },
     )
+    start_tensorflow()
     from captioner import train as stage
 
     click.echo(stage.train(cfg, resume=resume))
@@ -226,6 +237,7 @@ def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -
     Example:
       captioner evaluate --run runs/flickr8k-vgg16-20261121 --split test --beam 3
     """
+    start_tensorflow()
     from captioner import evaluate as stage
 
     click.echo(stage.evaluate(Path(run_dir), split=split, beam=beam, data_dir=data_dir))
@@ -254,6 +266,7 @@ def caption(
       captioner caption photo.jpg
       captioner caption photos/ --model runs/f30k --model runs/f8k --beam 5 --json
     """
+    start_tensorflow()
     from captioner import caption as stage
 
     failures = stage.caption_command(images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json)

@@ -1,9 +1,10 @@
-"""What every `captioner` command shares: the config options, resolving them into a Config, and
-turning a CaptionerError into one line on stderr."""
+"""What every `captioner` command shares: the config options, resolving them into a Config,
+turning a CaptionerError into one line on stderr, and a quiet TensorFlow start."""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,29 @@ import click
 
 from captioner.config import Config, load_config
 from captioner.errors import CaptionerError
+
+VERBOSE_ENV = "CAPTIONER_VERBOSE"  # set by `captioner --verbose`: TensorFlow's start-up is shown
+
+
+def start_tensorflow() -> None:
+    """Import TensorFlow and probe its devices with the process's stderr muted, unless
+    --verbose: its native start-up lines (absl's "All log messages before absl::InitializeLog",
+    oneDNN notes, "Could not find cuda drivers", "failed call to cuInit") are written below
+    Python, so TF_CPP_MIN_LOG_LEVEL does not stop them, and on a machine without a GPU they are
+    noise. A failure still raises, after stderr is restored."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # the CUDA probe: its lines come now
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
