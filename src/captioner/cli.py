@@ -109,7 +109,12 @@ def clean(
     "--encoder", default=None, help="vgg16 (default), resnet50, efficientnetb0, mobilenetv3small."
 )
 @click.option("--weights", default=None, help="imagenet, none, or a local .h5 file.")
-@click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Images per inference batch (features.batch_size; not captions).",
+)
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
 @click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (0..N-1).")
 @click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
@@ -168,7 +173,12 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 @click.option("--encoder", default=None, help="Which feature cache to train on.")
 @click.option("--weights", default=None, help="Encoder weights if features must be computed.")
 @click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None, help="Captions per training batch.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Captions (not images) per training batch (train.batch_size).",
+)
 @click.option("--name", default=None, help="Run name (default <dataset>-<encoder>-<time>).")
 @click.option(
     "--strategy",

@@ -74,7 +74,7 @@ class DemoConfig:
 class FeaturesConfig:
     encoder: str = "vgg16"
     weights: str = "imagenet"  # imagenet | none | path to a local .h5/.weights.h5 file
-    batch_size: int = 16
+    batch_size: int = 16  # images per inference batch (train.batch_size counts captions)
     precision: str = "auto"  # auto | float32 | bfloat16
     dtype: str = "float32"  # dtype stored on disk: float32 | float16
     chunk_size: int = 256  # rows written per resumable chunk
@@ -107,7 +107,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int = 64  # captions per batch, the global batch (features.batch_size: images)
     learning_rate: float = 1e-3
     patience: int = 3  # early stopping on validation loss; 0 disables
     # After an epoch whose validation loss did not improve, multiply the learning rate by this
