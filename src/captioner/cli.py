@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from captioner import __version__
+from captioner import __version__, cli_results
 from captioner.cli_options import (
     VERBOSE_ENV,
     config_options,
@@ -22,7 +22,6 @@ from captioner.cli_options import (
     resolve,
     start_tensorflow,
 )
-from captioner.runs import SORT_COLUMNS
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise on stderr for a CLI.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -283,107 +282,8 @@ def caption(
     sys.exit(1 if failures else 0)
 
 
-@main.command()
-@click.option("--runs-dir", default="runs", show_default=True, help="Where the runs are.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option(
-    "--sort",
-    default="name",
-    show_default=True,
-    type=click.Choice(list(SORT_COLUMNS)),
-    help="Sort by this column (scores best first, others ascending).",
-)
-@fail_cleanly
-def runs(runs_dir: str, as_json: bool, sort: str) -> None:
-    """List the runs side by side: settings, epochs, best dev loss, every evaluation's scores.
-
-    Broken or unfinished runs are listed as such; folders that are no runs are left out.
-
-    \b
-    Example:
-      captioner runs --sort bleu4
-      captioner runs --runs-dir runs --json
-    """
-    from captioner import runs as stage
-
-    summaries = stage.list_runs(Path(runs_dir), sort=sort)
-    if as_json:
-        click.echo(stage.format_json(summaries))
-    elif summaries:
-        click.echo(stage.format_table(summaries))
-    else:
-        click.echo(f"no runs in {runs_dir}; train one with `captioner train`", err=True)
-
-
-@main.command()
-@config_options
-@click.option(
-    "--run",
-    "run_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Also plot this run's loss curves and generated captions.",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    default="plots",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Folder for the PNG files.",
-)
-@fail_cleanly
-def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
-    """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions.
-
-    Needs the optional extra: pip install 'captioner[plots]'.
-
-    \b
-    Example:
-      captioner plot --dataset flickr8k --out plots/
-      captioner plot --dataset demo --run runs/demo --out plots/
-    """
-    cfg = resolve(**common)
-    from captioner import plots as stage
-
-    for path in stage.plot(cfg, Path(out_dir), Path(run_dir) if run_dir else None):
-        click.echo(path)
-
-
-@main.command()
-@click.option(
-    "--model",
-    "runs",
-    multiple=True,
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Run directory (repeatable: models are shown side by side).",
-)
-@click.option(
-    "--examples",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Folder of example images (default: the first run's test images).",
-)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
-@fail_cleanly
-def app(runs: tuple[str, ...], examples: str | None, host: str, port: int) -> None:
-    """Start the web page: upload an image, compare the captions of several models.
-
-    Needs the optional extra: pip install 'captioner[app]'.
-
-    \b
-    Example:
-      captioner app --model runs/flickr30k --model runs/flickr8k
-    """
-    from captioner import app as page
-
-    sys.exit(
-        page.launch(
-            [Path(r) for r in runs], Path(examples) if examples else None, host=host, port=port
-        )
-    )
+for command in (cli_results.runs, cli_results.plot, cli_results.app):
+    main.add_command(command)
 
 
 if __name__ == "__main__":
