@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -276,7 +277,7 @@ class LoadedRun:
         return [self.vocab.decode(words) for words in ids]
 
     def caption_files(
-        self, paths: list[str | Path], decoding: DecodeSettings | None = None
+        self, paths: Sequence[str | Path], decoding: DecodeSettings | None = None
     ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """([(path, caption)] for readable images, [(path, reason)] for the others)."""
         if self.encoder is None:
