@@ -6,7 +6,7 @@ DEMO   := --dataset demo --data-dir data
 DEMO_START := $(shell date +%s)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint format bench bench-quality clean-demo
+.PHONY: help install demo test test-fast lint format bench bench-quality clean-demo
 
 help:  ## List every target
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,8 +37,11 @@ demo: install  ## Run the whole pipeline offline on the synthetic dataset and ca
 	&& echo "$$line" \
 	&& $(BIN)/python scripts/demo_summary.py runs/demo "$$line" $$(( $$(date +%s) - $(DEMO_START) ))
 
-test: install  ## Run the test suite (network-free)
+test: install  ## Run the whole test suite, as CI does (network-free)
 	$(BIN)/pytest -q
+
+test-fast: install  ## The edit-test loop: every test without the `slow` marker
+	$(BIN)/pytest -q -m "not slow"
 
 lint: install  ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -44,7 +44,7 @@ def build(vocab_size: int, feature_dim: int, seed: int = 0):
     import keras
 
     from captioner.config import ModelConfig
-    from captioner.model import build_model
+    from captioner.models.merge import build_model
     from captioner.text import END_ID
 
     keras.utils.set_random_seed(seed)
@@ -72,6 +72,7 @@ def main(argv: list[str]) -> dict:
     import numpy as np
 
     from captioner import decode, reference
+    from captioner.models import decoder_for
     from captioner.tokenizer import Vocabulary
 
     model = build(args.vocab, args.feature_dim)
@@ -113,7 +114,8 @@ def main(argv: list[str]) -> dict:
     same = [t.split()[1:] for t in texts] == [[vocab.tokens[i] for i in c] for c in ours]
 
     peak = max(peak, matmul_peak_gflops())
-    units, columns = model.get_layer("rnn").units, decode._allowed_projection(model)[0].shape[1]
+    decoder = decoder_for(model)
+    units, columns = decoder.hidden_size, decode._allowed_projection(decoder)[0].shape[1]
     flops_per_word = 2 * units * (columns + 4 * units + units)  # projection, recurrence, dense
     beam3_floor_ms = 3 * args.max_length * flops_per_word / (peak * 1e9) * 1000
 
@@ -158,7 +160,7 @@ def quality(run_dir: str, split: str) -> dict:
         run.cfg = replace(
             base, **{"decode.length_penalty": length_penalty, "decode.no_repeat_ngram": ngram}
         )
-        captions = run.caption_features(features, beam)
+        captions = run.caption_features(features, run.decode_settings(beam))
         scores, _ = metrics.score_all(captions, refs, with_meteor=False)
         words = [caption.split() for caption in captions]
         bigrams = [list(zip(w[:-1], w[1:], strict=True)) for w in words]

@@ -68,7 +68,7 @@ def make_dataset(folder: Path, count: int, fixtures: Path) -> list[Path]:
 
 def time_ours(folder: Path, precision: str, batch_size: int, seed: int) -> tuple[float, np.ndarray]:
     """Images/s of `extract` on the dataset in `folder`, and the features it wrote."""
-    from captioner import features
+    from captioner import encoders, features
     from captioner.config import load_config
     from captioner.feature_cache import load_cache
 
@@ -84,7 +84,7 @@ def time_ours(folder: Path, precision: str, batch_size: int, seed: int) -> tuple
             "features.batch_size": batch_size,
         },
     )
-    encoder = features.build_encoder("vgg16", "none", precision, seed)  # reused by extract
+    encoder = encoders.build_encoder("vgg16", "none", precision, seed)  # reused by extract
     warm = sorted((folder / "images").iterdir())[:batch_size]
     encoder.encode_files(warm, batch_size)
     start = time.perf_counter()
@@ -131,7 +131,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--rounds", type=int, default=2, help="measure each this many times")
     parser.add_argument("--skip-reference", action="store_true", help="ours only (tuning)")
     args = parser.parse_args(argv)
-    from captioner import features
+    from captioner import encoders
 
     peak = ours = ours_bf16 = reference = 0.0
     theirs = None if args.skip_reference else reference_model(seed=0)
@@ -148,7 +148,7 @@ def main(argv: list[str]) -> dict:
             else:
                 speed, reference_features = time_reference(theirs, paths)
                 reference = max(reference, speed)
-        flops = model_flops(features.build_encoder("vgg16", "none", "float32", 0).model)
+        flops = model_flops(encoders.build_encoder("vgg16", "none", "float32", 0).model)
     result = {
         "ours": ours,
         "reference": reference,

@@ -128,12 +128,9 @@ def write_cache(source: Path, out: Path, kind: str) -> None:
 
 
 def dev_references(cfg) -> dict[str, list[str]]:
-    from captioner.data import read_split
+    from captioner.captions import read_split, references
 
-    references: dict[str, list[str]] = {}
-    for image, caption in read_split(cfg, "dev").itertuples(index=False):
-        references.setdefault(image, []).append(caption)
-    return references
+    return references(read_split(cfg, "dev"))
 
 
 # --- the two contestants ----------------------------------------------------------------------
@@ -149,7 +146,7 @@ def run_ours(cfg) -> dict:
     seconds = time.perf_counter() - start
     run = load_run(run_dir, with_encoder=False)
     state = read_json(run_dir / "state.json")
-    settings = run.decode_settings()
+    settings = run.decode_settings().to_dict()
     result = measure(cfg, run.model, run.vocab.encode, run.vocab, settings)
     return {
         **result,
@@ -167,14 +164,15 @@ def run_reference(cfg, max_epochs: int) -> dict:
     import keras
 
     from captioner import data
+    from captioner.captions import read_split
     from captioner.config import ModelConfig
     from captioner.feature_cache import load_cache
-    from captioner.model import build_model, compile_model
+    from captioner.models.merge import build_model, compile_model
     from captioner.text import UNK_ID
     from captioner.tokenizer import Vocabulary
 
     keras.utils.set_random_seed(cfg.seed)
-    train_frame = data.read_split(cfg, "train")
+    train_frame = read_split(cfg, "train")
     vocab = Vocabulary.from_captions(train_frame["caption"], min_count=1)  # every word
 
     def encode(caption: str) -> list[int]:  # keras' Tokenizer: unknown words are dropped
@@ -183,7 +181,7 @@ def run_reference(cfg, max_epochs: int) -> dict:
     cache = load_cache(cfg.features_dir)
     rows = np.array([cache.row[image] for image in train_frame["image"]])
     captions = [encode(caption) for caption in train_frame["caption"]]
-    dev_frame = data.read_split(cfg, "dev")
+    dev_frame = read_split(cfg, "dev")
     dev_rows = np.array([cache.row[image] for image in dev_frame["image"]])
     dev_captions = [encode(caption) for caption in dev_frame["caption"]]
     batch = 5 * REFERENCE_IMAGES_PER_BATCH  # the captions of 32 images, in file order

@@ -114,7 +114,7 @@ def train_epoch(features, rows, captions, vocab, batch_size, precision, seed, de
 
     from captioner.config import ModelConfig, TrainConfig
     from captioner.data import make_dataset
-    from captioner.model import build_model, compile_model
+    from captioner.models.merge import build_model, compile_model
 
     keras.utils.set_random_seed(seed)
     model = build_model(FEATURE_DIM, vocab, ModelConfig(), precision=precision)
@@ -187,7 +187,7 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
     """
     import tensorflow as tf
 
-    from captioner.model import output_cross_entropy
+    from captioner.models.merge import output_cross_entropy
 
     output, rnn = model.get_layer("logits"), model.get_layer("rnn")
     embed = model.get_layer("embedding").output_dim
@@ -210,6 +210,7 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
         return [model.train_on_batch(inputs, targets)]
 
     totals = {"step": 0.0, "projection": 0.0, "rnn": 0.0}
+    # repeat: a small dataset (--quick) may hold fewer than batches + 2 batches
     for index, (inputs, targets) in enumerate(dataset.repeat().take(batches + 2)):
         labels = targets[targets != 0]
         hidden = tf.cast(tf.random.normal((int(labels.shape[0]), rnn.units)), output.compute_dtype)

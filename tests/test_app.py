@@ -32,7 +32,7 @@ def make_run(run_dir: Path, dataset: str, fixtures: Path, seed: int) -> Path:
     """A finished run with random weights: real vocabulary, tiny model, no training."""
     import keras
 
-    from captioner.model import build_model
+    from captioner.models.merge import build_model
 
     keras.utils.set_random_seed(seed)
     cfg = load_config(
@@ -83,11 +83,11 @@ def captions_of(runs: tuple[Path, ...], image: Path) -> dict[tuple[str, int], st
     """What caption.load_run says for the image: {(run name, beam): caption}."""
     from captioner import caption
 
-    result, encoders = {}, {}  # both runs use the same encoder, as runs on one cache do
+    result = {}  # both runs use the same encoder, as runs on one cache do
     for run in runs:
-        loaded = caption.load_run(run, encoders=encoders)
+        loaded = caption.load_run(run)
         for beam in (1, 3):
-            captions, failures = loaded.caption_files([image], beam=beam)
+            captions, failures = loaded.caption_files([image], loaded.decode_settings(beam))
             assert not failures
             result[(run.name, beam)] = captions[0][1]
     return result
@@ -198,16 +198,16 @@ def test_page_shows_every_models_caption_side_by_side(
 ):
     import streamlit as st
 
-    from captioner import caption
+    from captioner import rundir
 
     loads = []
-    real_load_run = caption.load_run
+    real_load_run = rundir.load_run
 
     def counting_load_run(*args, **kwargs):
         loads.append(args)
         return real_load_run(*args, **kwargs)
 
-    monkeypatch.setattr(caption, "load_run", counting_load_run)
+    monkeypatch.setattr(rundir, "load_run", counting_load_run)
     st.cache_resource.clear()  # earlier tests may have loaded these runs already
     page.run()
     assert not page.exception and not page.error

@@ -51,10 +51,10 @@ def test_folders_expand_to_their_images(tmp_path):
 
 @pytest.mark.slow
 def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, monkeypatch):
-    from captioner import evaluate, features
+    from captioner import encoders, evaluate
 
     images = sorted((flickr8k_like / "Flicker8k_Dataset").glob("*.jpg"))[:24]  # as write_run
-    encoder = features.build_encoder(ENCODER, "none", "float32", seed=0)
+    encoder = encoders.build_encoder(ENCODER, "none", "float32", seed=0)
     cached, ok, failures = encoder.encode_files(images, batch_size=8)
     assert len(ok) == 24 and not failures
     run_dir, cfg = write_run(tmp_path, tiny_config, flickr8k_like, features=cached)
@@ -68,7 +68,7 @@ def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, m
     assert metrics_path == run_dir / "metrics-test-beam1.json"
     predictions = pd.read_csv(run_dir / "predictions-test-beam1.csv", keep_default_na=False)
     test_paths = [str(images[0].parent / name) for name in predictions["image"]]
-    captioned, failures = run.caption_files(test_paths, beam=1)
+    captioned, failures = run.caption_files(test_paths, run.decode_settings(1))
     assert failures == [] and [c for _, c in captioned] == list(predictions["caption"])
     capsys.readouterr()
 
@@ -90,14 +90,13 @@ def test_caption_command_and_api(tmp_path, tiny_config, flickr8k_like, capsys, m
     folder.mkdir()
     for image in images[:3]:
         shutil.copy(image, folder)
-    built = []
-    monkeypatch.setattr(features, "build_encoder", lambda *a, **k: built.append(a) or encoder)
+    encoders._build.cache_clear()
     assert (
         caption.caption_command([str(folder)], [str(run_dir), str(second)], beam=1, as_json=True)
         == 0
     )
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(built) == 1 and len(records) == 6
+    assert encoders._build.cache_info().misses == 1 and len(records) == 6
     assert {r["model"] for r in records} == {"tiny", "second"}
     assert records[0]["image"] == records[1]["image"] == str(folder / images[0].name)
     assert records[0]["caption"] == records[1]["caption"]  # same weights, same caption

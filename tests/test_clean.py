@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from captioner import clean, formats
+from captioner.captions import load_captions
 from captioner.cli import main
 from captioner.config import replace
 from captioner.errors import CaptionerError
@@ -60,7 +61,7 @@ def test_full_fixture_official_split_then_reuse(tiny_config, flickr8k_fixtures, 
     assert STRAY in log and "91 images" in log and "vocabulary (train)" in log
     assert listing(raw) == before  # raw is never modified
 
-    frame, images_dir = clean.load_captions(cfg)
+    frame, images_dir = load_captions(cfg)
     assert list(frame.columns) == ["image", "split", "caption", "raw"] and len(frame) == 39990
     assert frame["caption"].str.fullmatch(r"[a-z]+( [a-z]+)*").all()
     assert not frame["caption"].str.contains("startseq|endseq").any()
@@ -91,7 +92,7 @@ def test_random_split_is_seeded_over_images_and_disjoint(tiny_config, flickr8k_f
     cfg = tiny_config("flickr8k", **{"data.split": "random"})
     make_raw(Path(cfg.data.data_dir), flickr8k_fixtures)
     clean.clean(cfg)
-    frame, _ = clean.load_captions(cfg)
+    frame, _ = load_captions(cfg)
     assert frame["image"].nunique() == 8091 and meta(cfg)["split_used"] == "random"
     assert (frame.groupby("image")["split"].nunique() == 1).all()  # an image's captions share it
     by_split = {split: set(group["image"]) for split, group in frame.groupby("split")}
@@ -102,10 +103,10 @@ def test_changed_settings_clean_again(tiny_config, flickr8k_like, capsys):
     cfg = tiny_config("flickr8k", **{"data.split": "random"})
     make_raw(Path(cfg.data.data_dir), flickr8k_like)
     clean.clean(cfg)
-    splits = clean.load_captions(cfg)[0].set_index(["image", "caption"])["split"]
+    splits = load_captions(cfg)[0].set_index(["image", "caption"])["split"]
     clean.clean(replace(cfg, seed=1))
     assert "reusing" not in capsys.readouterr().err and meta(cfg)["seed"] == 1
-    assert not clean.load_captions(cfg)[0].set_index(["image", "caption"])["split"].equals(splits)
+    assert not load_captions(cfg)[0].set_index(["image", "caption"])["split"].equals(splits)
 
 
 def test_karpathy_split_needs_its_json(tiny_config, flickr8k_like):
@@ -181,14 +182,14 @@ def test_bring_your_own_data(tiny_config, flickr8k_like, tmp_path, kind):
     info = meta(cfg)
     assert info["format"] == kind and info["counts"]["images"] == len(on_disk)
     assert info["images_missing"] == 0 and info["images_dir"] == str(images.resolve())
-    frame, images_dir = clean.load_captions(cfg)
+    frame, images_dir = load_captions(cfg)
     assert images_dir == images.resolve() and len(frame) == len(records) == 5 * len(on_disk)
     assert sorted(frame["raw"]) == sorted(caption.strip() for _, caption in records)
 
 
 def test_load_captions_before_clean_names_the_fix(tiny_config):
     with pytest.raises(CaptionerError, match=re.escape("run `captioner clean --dataset flickr8k`")):
-        clean.load_captions(tiny_config("flickr8k"))
+        load_captions(tiny_config("flickr8k"))
 
 
 def test_cli_clean_prints_summary_and_path(tmp_path, flickr8k_fixtures):

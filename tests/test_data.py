@@ -6,6 +6,7 @@ import pytest
 from tinydata import write_dataset
 
 from captioner import data
+from captioner.captions import read_split
 from captioner.text import END_ID, START_ID
 from captioner.tokenizer import Vocabulary
 
@@ -111,10 +112,10 @@ def test_encode_split_skips_captions_without_features(tiny_config, flickr8k_like
     frame = write_dataset(cfg, flickr8k_like, {"train": 6, "dev": 2}, dim=7, drop=2)
     vocab = Vocabulary.from_captions(frame["caption"], min_count=1)
     ids = (cfg.features_dir / "ids.txt").read_text().split()
-    train = data.read_split(cfg, "train")
+    train = read_split(cfg, "train")
     assert len(train) == 30 and set(train["image"]) <= set(frame["image"])
     rows, captions = data.encode_split(
-        data.read_split(cfg, "dev"), vocab, {name: i for i, name in enumerate(ids)}, "dev"
+        read_split(cfg, "dev"), vocab, {name: i for i, name in enumerate(ids)}, "dev"
     )
     assert len(captions) == 0 and rows.shape == (0,)  # both dev images were dropped
     err = capsys.readouterr().err

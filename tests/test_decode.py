@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from captioner import decode, reference  # noqa: E402
-from captioner.config import ModelConfig  # noqa: E402
-from captioner.model import build_model  # noqa: E402
-from captioner.text import END_ID, PAD_ID, START_ID, UNK_ID  # noqa: E402
-from captioner.tokenizer import Vocabulary  # noqa: E402
+from captioner import decode, reference
+from captioner.config import ModelConfig
+from captioner.models.merge import build_model
+from captioner.text import END_ID, PAD_ID, START_ID, UNK_ID
+from captioner.tokenizer import Vocabulary
 
 A, B, C = 4, 5, 6  # the three words of the hand-built models
 SPECIAL = {PAD_ID, UNK_ID, START_ID}

@@ -147,11 +147,13 @@ def test_cli_demo_and_bad_settings(tmp_path):
 
 
 def test_demo_cleans_with_the_flickr8k_code(tiny_config, tmp_path):
-    clean = pytest.importorskip("captioner.clean")
+    from captioner import clean
+    from captioner.captions import load_captions
+
     cfg = make(tiny_config, tmp_path, "a")
     demo.generate(cfg)
     clean.clean(cfg)
-    frame, images_dir = clean.load_captions(cfg)
+    frame, images_dir = load_captions(cfg)
     assert images_dir == cfg.raw_dir / "Flicker8k_Dataset"
     assert frame.groupby("split")["image"].nunique().to_dict() == {"train": 12, "dev": 4, "test": 3}
     assert len(frame) == 19 * 5

@@ -97,7 +97,8 @@ def test_download_extracts_the_flickr8k_layout_then_reuses_it(
     assert len(server.requests) == served  # nothing downloaded the second time
     assert capsys.readouterr().err.count("reusing") == 2
 
-    clean = pytest.importorskip("captioner.clean")
+    from captioner import clean
+
     clean.clean(cfg)
     meta = json.loads(cfg.captions_csv.with_name("captions.json").read_text())
     assert meta["images_dir"] == "raw/Flicker8k_Dataset"

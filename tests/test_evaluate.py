@@ -14,7 +14,7 @@ from captioner import metrics
 from captioner.errors import CaptionerError
 from captioner.text import normalize
 
-ENCODER, DIM = "mobilenetv3small", 576  # the run's recorded encoder (see features.build_encoder)
+ENCODER, DIM = "mobilenetv3small", 576  # the run's recorded encoder (see encoders.build_encoder)
 
 
 def fixture_captions(fixtures: Path, images: int | None = None) -> dict[str, list[str]]:
@@ -134,7 +134,7 @@ def write_run(tmp_path: Path, tiny_config, fixtures: Path, features: np.ndarray 
 
     from captioner.config import ModelConfig
     from captioner.io import write_json
-    from captioner.model import build_model
+    from captioner.models.merge import build_model
     from captioner.tokenizer import Vocabulary
 
     cfg = tiny_config(

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from captioner import features
+from captioner import encoders, features
 from captioner.errors import CaptionerError
 from captioner.feature_cache import load_cache
 
@@ -126,24 +126,24 @@ def test_bad_files_raise_bad_image_with_reason(flickr8k_like, tmp_path, monkeypa
 def test_weights_from_file_missing_file_and_failed_download(tmp_path, monkeypatch):
     from keras.src.utils import file_utils
 
-    random = features.build_encoder(SMALL, "none", precision="float32", seed=0)
+    random = encoders.build_encoder(SMALL, "none", precision="float32", seed=0)
     random.model.save_weights(tmp_path / "small.weights.h5")
-    loaded = features.build_encoder(SMALL, str(tmp_path / "small.weights.h5"), "float32", seed=9)
+    loaded = encoders.build_encoder(SMALL, str(tmp_path / "small.weights.h5"), "float32", seed=9)
     assert loaded is not random and loaded.weights == str(tmp_path / "small.weights.h5")
     for ours, theirs in zip(loaded.model.weights, random.model.weights, strict=True):
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), err_msg=ours.path)
 
     with pytest.raises(CaptionerError, match="weights file not found"):
-        features.build_encoder(SMALL, str(tmp_path / "nope.h5"))
+        encoders.build_encoder(SMALL, str(tmp_path / "nope.h5"))
 
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/x: None -- offline")
 
     monkeypatch.setattr(file_utils, "get_file", offline)
     with pytest.raises(CaptionerError, match=r"could not download .* pass --weights PATH"):
-        features.build_encoder(SMALL, "imagenet")
+        encoders.build_encoder(SMALL, "imagenet")
     with pytest.raises(CaptionerError, match="unknown encoder"):
-        features.build_encoder("vgg17", "none")
+        encoders.build_encoder("vgg17", "none")
 
 
 def test_extract_lists_bad_images_and_reuses_finished_cache(
@@ -180,7 +180,7 @@ def test_extract_lists_bad_images_and_reuses_finished_cache(
     assert not (out / "chunks").exists()
 
     # Each row is the feature of its own image, whatever batch it was computed in.
-    encoder = features.build_encoder(SMALL, "none", precision="float32", seed=0)
+    encoder = encoders.build_encoder(SMALL, "none", precision="float32", seed=0)
     alone, _, _ = encoder.encode_files([folder / good[-1], folder / "grey.png"], batch_size=1)
     np.testing.assert_allclose(cache.features[[-1, good.index("grey.png")]], alone, rtol=1e-5)
 
@@ -279,7 +279,7 @@ def test_vgg16_equals_reference_loop_and_bfloat16_is_close(flickr8k_like):
     from captioner import reference
 
     paths = [str(p) for p in fixture_images(flickr8k_like, 4)]
-    encoder = features.build_encoder("vgg16", "none", precision="float32", seed=3)
+    encoder = encoders.build_encoder("vgg16", "none", precision="float32", seed=3)
     ours, ok, failures = encoder.encode_files(paths, batch_size=4)
     assert ok == paths and failures == [] and ours.shape == (4, 4096) and ours.dtype == np.float32
     assert np.ptp(ours, axis=0).max() > 0  # the rows differ: a real feature, not a constant
@@ -291,7 +291,7 @@ def test_vgg16_equals_reference_loop_and_bfloat16_is_close(flickr8k_like):
         reference_row = expected[Path(path).stem][0]
         np.testing.assert_allclose(row, reference_row, rtol=1e-4, atol=1e-4 * np.abs(row).max())
 
-    fast = features.build_encoder("vgg16", "none", precision="bfloat16", seed=3)
+    fast = encoders.build_encoder("vgg16", "none", precision="bfloat16", seed=3)
     half, _, _ = fast.encode_files(paths, batch_size=4)
     assert half.dtype == np.float32 and fast.precision == "bfloat16"
     cosine = (half * ours).sum(1) / np.linalg.norm(half, axis=1) / np.linalg.norm(ours, axis=1)

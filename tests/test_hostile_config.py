@@ -25,6 +25,7 @@ ENUMERATED = {
     "features.precision",
     "features.dtype",
     "model.cell",
+    "model.decoder",
     "train.precision",
     "train.strategy",
 }

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from test_train import mini_config, run_args
 from tinydata import write_dataset
 
-from captioner import feature_cache, train
+from captioner import feature_cache, rundir, train
 from captioner.cli import main
 from captioner.errors import CaptionerError
 from captioner.feature_cache import load_cache
@@ -66,7 +66,8 @@ def test_non_finite_loss_stops_before_anything_is_saved(tmp_path: Path):
 
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-    state = train._initial_state(mini_config(tmp_path, **{"train.epochs": 3}))
+    model.compile(optimizer="adam", loss="mse")  # RunCheckpoint reads the learning rate
+    state = rundir.initial_state(mini_config(tmp_path, **{"train.epochs": 3}))
     callback = train.RunCheckpoint(tmp_path, state, patience=0)
     callback.set_model(model)
     callback.on_epoch_end(0, {"loss": 2.0, "val_loss": 2.5})
@@ -89,10 +90,10 @@ def test_nan_loss_during_training_never_finishes_a_run(
     training stops with one line and state.json stays strict JSON of an unfinished run."""
     cfg = mini_config(tmp_path, **HANDMADE, **{"train.name": "nan"})
     write_dataset(cfg, flickr8k_fixtures, SIZES, dim=5)
-    compile_model = train.model.compile_model
-    monkeypatch.setattr(
-        train.model, "compile_model", lambda net, rate: compile_model(net, math.nan)
-    )
+    from captioner.models import merge
+
+    compile_model = merge.compile_model
+    monkeypatch.setattr(merge, "compile_model", lambda net, rate: compile_model(net, math.nan))
     with pytest.raises(CaptionerError, match="training diverged in epoch 1 \\(loss nan"):
         train.train(cfg)
     run_dir = Path(cfg.train.runs_dir) / "nan"

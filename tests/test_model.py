@@ -3,19 +3,24 @@ layer + loss, one-step decoding, saving, and bfloat16 mixed precision."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from tinydata import fixture_captions
 
-from captioner import model as merge
+from captioner import models
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
+from captioner.models import merge
 from captioner.reference import build_prefix_model, copy_merge_weights
 from captioner.text import END_ID, START_ID, normalize
 from captioner.tokenizer import Vocabulary
 
+DATA = Path(__file__).parent / "data"
 FEATURE_DIM = 64
 REFERENCE_SIZES = ModelConfig()  # 256, 256, dropout 0.4
 # Tests of mechanics rather than of sizes; no dropout, so training-mode outputs are deterministic.
@@ -135,14 +140,18 @@ def test_step_by_step_decoding_equals_the_full_sequence_logits(captions, small_m
     )
     inputs, targets = batch(encoded, [7, 8, 9])
     full = keras.ops.convert_to_numpy(model(inputs))  # (B, T, V)
-    image = merge.image_vector(model, inputs["features"])
-    table = merge.token_table(model)
-    assert (table is None) == (cell == "gru")
-    # the Keras cell, and for an LSTM also the looked-up input projection decode.py uses
-    for step_table in (None,) if table is None else (None, table):
-        state = merge.initial_state(model, 3)
+    decoder = models.decoder_for(model)  # the interface decode.py runs on
+    assert decoder.vocab_size == vocab.size and decoder.hidden_size == 32
+    assert (decoder._token_table() is None) == (cell == "gru")
+    # the Keras cell, and the compiled step decode.py uses (for an LSTM: its looked-up input
+    # projection under XLA)
+    for step in (decoder.step, decoder.step_fn()):
+        state = decoder.start(inputs["features"])
+        assert len(state) == (3 if cell == "lstm" else 2)
         for t in range(inputs["tokens"].shape[1]):
-            logits, state = merge.step(model, image, inputs["tokens"][:, t], state, step_table)
+            hidden, state, attention = step(inputs["tokens"][:, t], state)
+            logits = decoder.logits(hidden)
+            assert attention is None
             real = targets[:, t] != 0  # past a caption's end, decoding would have stopped
             np.testing.assert_allclose(
                 keras.ops.convert_to_numpy(logits)[real], full[real, t], atol=1e-5
@@ -190,13 +199,9 @@ def test_bfloat16_builds_with_float32_logits_and_trains(captions):
     exact.set_weights(model.get_weights())
     difference = np.abs(keras.ops.convert_to_numpy(model(inputs) - exact(inputs)))
     assert difference.max() < 0.05 * np.abs(keras.ops.convert_to_numpy(exact(inputs))).max()
-    logits, _ = merge.step(
-        model,
-        merge.image_vector(model, inputs["features"]),
-        inputs["tokens"][:, 0],
-        merge.initial_state(model, 32),
-    )
-    assert logits.dtype == "float32"
+    decoder = models.decoder_for(model)
+    hidden, _, _ = decoder.step(inputs["tokens"][:, 0], decoder.start(inputs["features"]))
+    assert decoder.logits(hidden).dtype == "float32"
 
 
 def test_bad_settings_raise_captioner_errors():
@@ -206,3 +211,36 @@ def test_bad_settings_raise_captioner_errors():
         merge.build_model(8, 20, ModelConfig(), precision="float16")
     with pytest.raises(CaptionerError, match="statistics"):
         merge.build_model(8, 20, ModelConfig(normalize_features=True))
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_models_saved_before_the_models_package_still_load_and_decode(name):
+    """tests/data/old_merge_*.keras were saved by captioner/model.py before captioner/models/
+    existed (registered as captioner>MergeModel; an LSTM with feature_norm in float32, a GRU in
+    bfloat16), with their logits for fixed inputs in old_merge_logits.json."""
+    from captioner import decode
+
+    expected = json.loads((DATA / "old_merge_logits.json").read_text())
+    model = models.load_saved(DATA / f"old_merge_{name}.keras", "train it again")
+    assert isinstance(model, merge.MergeModel)
+    inputs = {
+        "features": np.array(expected["features"], np.float32),
+        "tokens": np.array(expected["tokens"], np.int32),
+    }
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(inputs)), expected[name], atol=1e-5)
+    decoder = models.decoder_for(model)
+    assert decoder.name == "merge" and decoder.vocab_size == 12
+    assert len(decode.beam_search(model, inputs["features"], 5, beam=2)) == 2
+
+
+def test_the_config_offers_every_decoder_and_build_follows_it():
+    from captioner.config import LIMITS, load_config
+
+    assert LIMITS["model.decoder"] == tuple(models.DECODERS)
+    assert models.DEFAULT_DECODER == "merge"
+    cfg = load_config(None, ("model.units=8", "model.embed_dim=4"), dataset="mini")
+    model = models.build(cfg, {"dim": 6, "encoder": "x", "count": 1}, 20)
+    assert isinstance(model, merge.MergeModel) and model.optimizer is not None
+    assert models.decoder_for(model).vocab_size == 20
+    with pytest.raises(CaptionerError, match="none of the decoders"):
+        models.decoder_for(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))

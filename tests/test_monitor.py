@@ -9,7 +9,7 @@ import numpy as np
 
 from captioner import decode, monitor
 from captioner.config import ModelConfig
-from captioner.model import build_model
+from captioner.models.merge import build_model
 from captioner.tokenizer import Vocabulary
 
 CAPTIONS = ["a dog runs on the grass", "a red circle on the left", "two dogs play in the snow"]

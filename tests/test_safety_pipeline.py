@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from guard import changed_outside, snapshot
 
-from captioner import clean
+from captioner.captions import load_captions
 from captioner.cli import main
 from captioner.errors import CaptionerError
 
@@ -148,7 +148,7 @@ def test_captions_csv_edited_to_leave_the_image_folder_is_refused(tiny_config, f
     frame.loc[0, "image"] = "../../secret.jpg"
     frame.to_csv(cfg.captions_csv, index=False)
     with pytest.raises(CaptionerError, match="'../../secret.jpg' is outside the image"):
-        clean.load_captions(cfg)
+        load_captions(cfg)
 
 
 def test_exact_repeats_are_dropped_and_counted(tmp_path, flickr8k_fixtures):
@@ -208,7 +208,8 @@ def test_app_port_is_checked_before_anything_starts(tmp_path, port):
 
 
 def test_empty_and_markdown_captions_are_escaped():
-    app = pytest.importorskip("captioner.app")
+    from captioner import app
+
     assert app.caption_markdown("") == "*(empty caption: the model ended at once)*"
     assert "****" not in app.caption_markdown("   ")
     assert app.caption_markdown("a dog") == "**a dog**"

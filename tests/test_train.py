@@ -16,7 +16,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 from tinydata import write_dataset
 
-from captioner import distribute, pipeline, run_data, train
+from captioner import distribute, pipeline, run_data, rundir, train
 from captioner.cli import main
 from captioner.config import from_dict, load_config
 from captioner.errors import CaptionerError
@@ -194,7 +194,7 @@ def test_early_stopping_best_model_and_checkpoint_pruning(tmp_path):
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
     model.compile(optimizer="adam", loss="mse")
-    state = train._initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
+    state = rundir.initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
     callback = train.RunCheckpoint(tmp_path, state, patience=2)
     callback.set_model(model)
     for epoch, val_loss in enumerate([3.0, 2.0, 2.5, 2.1]):
@@ -214,7 +214,7 @@ def test_learning_rate_decays_after_an_epoch_without_improvement_and_is_checkpoi
     inputs = keras.Input((2,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    state = train._initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
+    state = rundir.initial_state(mini_config(tmp_path, **{"train.epochs": 9}))
     callback = train.RunCheckpoint(tmp_path, state, patience=0, lr_decay=0.5)
     callback.set_model(model)
     for epoch, val_loss in enumerate([3.0, 2.0, 2.5, 2.6, 1.0]):
@@ -434,3 +434,28 @@ def test_cli_train_runs_every_missing_stage_on_a_tiny_demo_dataset(tmp_path, cap
     err = capsys.readouterr().err
     for output in ("captions.csv", "features/mobilenetv3small", "vocab.json"):
         assert f"reusing {dataset / output}" in err  # every stage's output is reused
+
+
+def test_a_run_saved_before_model_decoder_existed_resumes_as_a_merge_run(tmp_path):
+    """config.json of runs made before model.decoder has no such key: read as "merge", and a
+    --resume with the default decoder is not refused as a change of settings."""
+    from captioner.io import write_json
+    from captioner.runs import read_run
+
+    cfg = mini_config(tmp_path)
+    run_dir, features = tmp_path / "old", tmp_path / "features"
+    run_dir.mkdir()
+    features.mkdir()
+    saved = cfg.to_dict()
+    del saved["model"]["decoder"]
+    write_json(run_dir / "config.json", saved)
+    for path in (run_dir / "vocab.json", run_dir / "features_meta.json", features / "meta.json"):
+        write_json(path, {"dim": 7})
+    rundir._check_resumable(run_dir, cfg, {"vocab": run_dir / "vocab.json", "features": features})
+    assert rundir.read_config(run_dir).model.decoder == "merge"
+    assert read_run(run_dir).decoder == "merge"
+    other = mini_config(tmp_path, **{"model.units": 99})
+    with pytest.raises(CaptionerError, match="model.units"):
+        rundir._check_resumable(
+            run_dir, other, {"vocab": run_dir / "vocab.json", "features": features}
+        )

@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from captioner.errors import CaptionerError
+from captioner.formats import IMAGE_SUFFIXES, is_image_name
 
 try:  # the optional extra: one readable line instead of an ImportError traceback
     import streamlit as st
@@ -33,9 +34,9 @@ except ImportError:
 
 MODELS_ENV = "CAPTIONER_APP_MODELS"  # JSON list of run directories
 EXAMPLES_ENV = "CAPTIONER_APP_EXAMPLES"  # optional folder of example images
-IMAGE_TYPES = ["jpg", "jpeg", "png", "bmp", "gif", "webp"]
+IMAGE_TYPES = [suffix[1:] for suffix in IMAGE_SUFFIXES]  # as Streamlit's uploader wants them
 MAX_EXAMPLES = 12
-DEFAULT_BEAM = 3
+BEAM_WIDTHS = (2, 10)  # the sidebar's slider
 
 
 @dataclass(frozen=True)
@@ -154,27 +155,27 @@ def run_dirs_from_env(environ: Mapping[str, str] = os.environ) -> list[Path]:
 
 def model_name(run_dir: Path) -> str:
     """'<run name> (<dataset>, <encoder>)' from the run's config.json, or just the folder name."""
-    try:
-        config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-        data, features = config["data"], config["features"]
-        return f"{Path(run_dir).name} ({data['dataset']}, {features['encoder']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return Path(run_dir).name
+    from captioner.runs import read_run
+
+    summary = read_run(Path(run_dir))  # never raises: a damaged config.json leaves fields empty
+    if not (summary.dataset and summary.encoder):
+        return summary.name
+    return f"{summary.name} ({summary.dataset}, {summary.encoder})"
 
 
 def example_images(
     run_dirs: Sequence[Path], folder: str | None = None, limit: int = MAX_EXAMPLES
 ) -> list[Path]:
     """Images from `folder`, else the test split of the first run's dataset; [] if none found."""
-    from captioner import clean
-    from captioner.config import from_dict
+    from captioner.captions import load_captions
+    from captioner.rundir import read_config
 
     try:
         if folder:
-            paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower()[1:] in IMAGE_TYPES)
+            paths = sorted(p for p in Path(folder).iterdir() if is_image_name(p.name))
             return paths[:limit]
-        cfg = from_dict(json.loads((Path(run_dirs[0]) / "config.json").read_text("utf-8")))
-        captions, images_dir = clean.load_captions(cfg)
+        cfg = read_config(run_dirs[0])
+        captions, images_dir = load_captions(cfg)
     except (OSError, ValueError, KeyError, IndexError):  # CaptionerError is a ValueError
         return []  # examples are a convenience: the page works without them
     names = captions.loc[captions["split"] == "test", "image"].drop_duplicates().head(limit)
@@ -203,9 +204,10 @@ def caption_markdown(caption: str) -> str:
 
 
 def caption_image(
-    models: Sequence[tuple[str, Any]], data: bytes, name: str, beam: int
+    models: Sequence[tuple[str, Any]], data: bytes, name: str, beam: int | None = None
 ) -> list[Result]:
-    """Caption one image with every (name, LoadedRun); times each model separately."""
+    """Caption one image with every (name, LoadedRun), each with its run's decoding settings
+    (and `beam`, when the page chose one); times each model separately."""
     suffix = Path(name).suffix or ".jpg"
     results = []
     with tempfile.TemporaryDirectory() as folder:
@@ -213,7 +215,7 @@ def caption_image(
         path.write_bytes(data)
         for model, loaded in models:
             start = time.perf_counter()
-            captions, failures = loaded.caption_files([path], beam=beam)
+            captions, failures = loaded.caption_files([path], loaded.decode_settings(beam))
             seconds = time.perf_counter() - start
             if captions:
                 results.append(Result(model, captions[0][1], "", seconds))
@@ -226,16 +228,21 @@ def caption_image(
 @st.cache_resource(show_spinner="Loading models (once)...")
 def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
     """(name, LoadedRun) per run, loaded once per server process, not per upload."""
-    from captioner import caption
+    from captioner import rundir
 
-    encoders: dict = {}  # runs made with the same encoder share one copy of it
-    models = [(model_name(Path(d)), caption.load_run(Path(d), encoders=encoders)) for d in run_dirs]
-    # The first call traces TensorFlow functions (seconds); do it now for the default beam
-    # width, so the time shown for a user's image is the real captioning time.
+    # runs made with the same encoder share one copy of it (encoders.build_encoder's cache)
+    models = [(model_name(Path(d)), rundir.load_run(Path(d))) for d in run_dirs]
+    # The first call traces TensorFlow functions (seconds); do it now for the runs' own decoding
+    # settings (the page's default), so the time shown for a user's image is the real one.
     blank = io.BytesIO()
     Image.new("RGB", (64, 64), "gray").save(blank, format="JPEG")
-    caption_image(models, blank.getvalue(), "warm-up.jpg", beam=DEFAULT_BEAM)
+    caption_image(models, blank.getvalue(), "warm-up.jpg")
     return models
+
+
+def default_beam(models: Sequence[tuple[str, Any]]) -> int:
+    """The page's initial beam width: the first run's own (its config.json's decode.beam)."""
+    return models[0][1].decode_settings().beam
 
 
 # --- the page ------------------------------------------------------------------------------
@@ -253,8 +260,11 @@ def page() -> None:
         return
 
     with st.sidebar:
-        decoding = st.radio("Decoding", ["greedy", "beam search"], index=1)
-        beam = st.slider("Beam width", 2, 10, DEFAULT_BEAM) if decoding == "beam search" else 1
+        run_beam = default_beam(models)
+        decoding = st.radio("Decoding", ["greedy", "beam search"], index=int(run_beam > 1))
+        low, high = BEAM_WIDTHS
+        width = min(max(run_beam, low), high)
+        beam = st.slider("Beam width", low, high, width) if decoding == "beam search" else 1
     upload_column, example_column = st.columns(2)
     upload = upload_column.file_uploader("Upload an image", type=IMAGE_TYPES)
     examples = example_images(run_dirs, os.environ.get(EXAMPLES_ENV))

@@ -212,7 +212,7 @@ captions, failures = run.caption_files(["photo.jpg"])
 The folder is the whole model: `model.keras` (weights), `vocab.json` (words), `config.json`
 (settings, decoding) and `features_meta.json` (the image encoder new images must go through).
 Copy the folder to move it. `model.keras` also loads in plain Keras with
-`keras.saving.load_model(path)` after `import captioner.model`, which registers its layers."""
+`keras.saving.load_model(path)` after `import captioner.models`, which registers its layers."""
 
 
 def _text(value: Any) -> str:

@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 
 from captioner import formats
+from captioner.captions import COLUMNS, check_inside
 from captioner.clean_report import SHOWN, log_summary, statistics, why_none
 from captioner.config import Config
 from captioner.errors import CaptionerError
-from captioner.io import atomic_write_bytes, escapes_folder, log, read_json, write_json
+from captioner.io import atomic_write_bytes, log, read_json, write_json
 from captioner.text import normalize
 
 CLEAN_FORMAT = 2  # bump when captions.csv would come out differently from the same inputs
-COLUMNS = ("image", "split", "caption", "raw")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def clean(cfg: Config) -> Path:
         return cfg.captions_csv
 
     source = formats.read(plan.format, plan.captions)
-    _check_inside(source.path, [image for image, _ in source.records], "--images")
+    check_inside(source.path, [image for image, _ in source.records], "--images")
     frame, dropped = _clean_rows(source)
     if frame.empty:
         raise CaptionerError(f"{source.path}: no usable captions ({why_none(dropped)}); check it")
@@ -82,41 +82,6 @@ def clean(cfg: Config) -> Path:
     )
     log_summary(cfg, source, split_used, counts, dropped, images_dir, missing)
     return cfg.captions_csv
-
-
-def load_captions(cfg: Config) -> tuple[pd.DataFrame, Path]:
-    """captions.csv as strings (image, split, caption, raw) and the folder holding the images."""
-    path, meta_path = cfg.captions_csv, cfg.captions_csv.with_name("captions.json")
-    if not path.is_file() or not meta_path.is_file():
-        raise CaptionerError(
-            f"{path}: not found; run `captioner clean --dataset {cfg.data.dataset}` first"
-        )
-    try:
-        # keep_default_na=False: a caption such as "nan" or "null" stays a string
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise CaptionerError(f"{path}: unreadable ({error}); run `captioner clean` again") from None
-    if set(COLUMNS) - set(frame.columns):
-        raise CaptionerError(
-            f"{path}: columns must be {', '.join(COLUMNS)}; run `captioner clean` again"
-        )
-    _check_inside(path, frame["image"].unique(), "the images_dir of captions.json")
-    meta = read_json(meta_path)
-    if not isinstance(meta, dict) or not isinstance(meta.get("images_dir"), str):
-        raise CaptionerError(f"{meta_path}: no images_dir; run `captioner clean` again")
-    images_dir = Path(meta["images_dir"])
-    return frame, images_dir if images_dir.is_absolute() else cfg.dataset_dir / images_dir
-
-
-def _check_inside(path: Path, images, folder: str) -> None:
-    """Image names must stay inside the image folder: no absolute path, no `..`."""
-    outside = [image for image in dict.fromkeys(images) if escapes_folder(image)]
-    if outside:
-        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
-        raise CaptionerError(
-            f"{path}: image '{outside[0]}'{more} is outside the image folder; image names "
-            f"must be relative to {folder}, without '..'"
-        )
 
 
 def random_split(

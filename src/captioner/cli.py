@@ -7,90 +7,30 @@ so `--help` is instant and a bad setting is refused at once, before TensorFlow's
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from captioner import __version__
-from captioner.config import Config, load_config
-from captioner.errors import CaptionerError
-from captioner.runs import SORT_COLUMNS
+from captioner import __version__, cli_results
+from captioner.cli_options import (
+    VERBOSE_ENV,
+    config_options,
+    fail_cleanly,
+    resolve,
+    start_tensorflow,
+)
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise on stderr for a CLI.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a CaptionerError (or a file-system error) into one line on stderr and exit 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except CaptionerError as error:
-            raise click.ClickException(str(error)) from None
-        except OSError as error:
-            where = f"{error.filename}: " if error.filename else ""
-            raise click.ClickException(f"{where}{error.strerror or error}") from None
-        except KeyboardInterrupt:
-            click.echo(
-                "interrupted; finished work is kept, run the command again to resume", err=True
-            )
-            sys.exit(130)
-
-    return wrapper
-
-
-def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--config, --set, --dataset, --data-dir, --seed: shared by every data-touching command."""
-    options = [
-        click.option(
-            "--config",
-            "config_path",
-            type=click.Path(dir_okay=False),
-            help="TOML file on top of the defaults (default: configs/<dataset>.toml).",
-        ),
-        click.option(
-            "--set",
-            "overrides",
-            multiple=True,
-            metavar="SECTION.KEY=VALUE",
-            help="Override one setting, e.g. --set train.epochs=5 (repeatable).",
-        ),
-        click.option("--dataset", help="flickr8k, flickr30k, demo, or a name of your own."),
-        click.option("--data-dir", help="Root of the data layout (default ./data)."),
-        click.option("--seed", type=int, help="The one random seed (default 0)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def resolve(
-    config_path: str | None,
-    overrides: tuple[str, ...],
-    dataset: str | None,
-    data_dir: str | None,
-    seed: int | None,
-    **flags: Any,
-) -> Config:
-    return load_config(
-        config_path,
-        overrides,
-        dataset=dataset,
-        **{"data.data_dir": data_dir, "seed": seed},
-        **flags,
-    )
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="captioner")
-def main() -> None:
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's start-up messages on stderr.")
+def main(verbose: bool) -> None:
     """Train image-captioning models end to end and caption new images.
 
     \b
@@ -98,13 +38,15 @@ def main() -> None:
       captioner train --dataset demo
       captioner caption path/to/image.jpg
     """
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
 
 
 @main.command()
 @config_options
 @click.option("--mirror", help="Fetch the same file names from MIRROR/<file name>.")
 @click.option("--skip-checksum", is_flag=True, default=None, help="Do not verify md5 sums.")
-@_fail_cleanly
+@fail_cleanly
 def download(mirror: str | None, skip_checksum: bool | None, **common: Any) -> None:
     """Download and extract a dataset into DATA_DIR/<dataset>/raw/.
 
@@ -135,7 +77,7 @@ def download(mirror: str | None, skip_checksum: bool | None, **common: Any) -> N
 )
 @click.option("--captions", default=None, help="Your own caption file (with --format csv|coco).")
 @click.option("--images", default=None, help="Your own image folder (with --format csv|coco).")
-@_fail_cleanly
+@fail_cleanly
 def clean(
     split: str | None, fmt: str | None, captions: str | None, images: str | None, **common: Any
 ) -> None:
@@ -166,11 +108,16 @@ def clean(
     "--encoder", default=None, help="vgg16 (default), resnet50, efficientnetb0, mobilenetv3small."
 )
 @click.option("--weights", default=None, help="imagenet, none, or a local .h5 file.")
-@click.option("--batch-size", type=int, default=None, help="Images per inference batch.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Images per inference batch (features.batch_size; not captions).",
+)
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
 @click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (0..N-1).")
 @click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
-@_fail_cleanly
+@fail_cleanly
 def features(
     encoder: str | None,
     weights: str | None,
@@ -197,6 +144,7 @@ def features(
             "features.shard": shard,
         },
     )
+    start_tensorflow()
     from captioner import features as stage
 
     click.echo(stage.merge_shards(cfg) if merge else stage.extract(cfg))
@@ -205,7 +153,7 @@ def features(
 @main.command()
 @config_options
 @click.option("--min-count", type=int, default=None, help="Rarer training words become <unk>.")
-@_fail_cleanly
+@fail_cleanly
 def tokenizer(min_count: int | None, **common: Any) -> None:
     """Build the vocabulary from the training split into DATA_DIR/<dataset>/vocab.json.
 
@@ -224,7 +172,12 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 @click.option("--encoder", default=None, help="Which feature cache to train on.")
 @click.option("--weights", default=None, help="Encoder weights if features must be computed.")
 @click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None, help="Captions per training batch.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Captions (not images) per training batch (train.batch_size).",
+)
 @click.option("--name", default=None, help="Run name (default <dataset>-<encoder>-<time>).")
 @click.option(
     "--strategy",
@@ -237,7 +190,7 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
     is_flag=True,
     help="Continue the named run from its last checkpoint (with more --epochs: a finished one).",
 )
-@_fail_cleanly
+@fail_cleanly
 def train(
     encoder: str | None,
     weights: str | None,
@@ -268,6 +221,7 @@ def train(
             "train.strategy": strategy,
         },
     )
+    start_tensorflow()
     from captioner import train as stage
 
     click.echo(stage.train(cfg, resume=resume))
@@ -284,7 +238,7 @@ def train(
 @click.option("--split", default="test", show_default=True, help="train, dev or test.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--data-dir", default=None, help="Where the run's dataset lives, if moved.")
-@_fail_cleanly
+@fail_cleanly
 def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -> None:
     """Score a trained run: BLEU-1..4, CIDEr-D, ROUGE-L (METEOR with Java).
 
@@ -292,6 +246,7 @@ def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -
     Example:
       captioner evaluate --run runs/flickr8k-vgg16-20261121 --split test --beam 3
     """
+    start_tensorflow()
     from captioner import evaluate as stage
 
     click.echo(stage.evaluate(Path(run_dir), split=split, beam=beam, data_dir=data_dir))
@@ -309,7 +264,7 @@ def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -
 @click.option("--runs-dir", default="runs", show_default=True, help="Where to look for runs.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of TSV.")
-@_fail_cleanly
+@fail_cleanly
 def caption(
     images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam: int | None, as_json: bool
 ) -> None:
@@ -320,113 +275,15 @@ def caption(
       captioner caption photo.jpg
       captioner caption photos/ --model runs/f30k --model runs/f8k --beam 5 --json
     """
+    start_tensorflow()
     from captioner import caption as stage
 
     failures = stage.caption_command(images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json)
     sys.exit(1 if failures else 0)
 
 
-@main.command()
-@click.option("--runs-dir", default="runs", show_default=True, help="Where the runs are.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option(
-    "--sort",
-    default="name",
-    show_default=True,
-    type=click.Choice(list(SORT_COLUMNS)),
-    help="Sort by this column (scores best first, others ascending).",
-)
-@_fail_cleanly
-def runs(runs_dir: str, as_json: bool, sort: str) -> None:
-    """List the runs side by side: settings, epochs, best dev loss, every evaluation's scores.
-
-    Broken or unfinished runs are listed as such; folders that are no runs are left out.
-
-    \b
-    Example:
-      captioner runs --sort bleu4
-      captioner runs --runs-dir runs --json
-    """
-    from captioner import runs as stage
-
-    summaries = stage.list_runs(Path(runs_dir), sort=sort)
-    if as_json:
-        click.echo(stage.format_json(summaries))
-    elif summaries:
-        click.echo(stage.format_table(summaries))
-    else:
-        click.echo(f"no runs in {runs_dir}; train one with `captioner train`", err=True)
-
-
-@main.command()
-@config_options
-@click.option(
-    "--run",
-    "run_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Also plot this run's loss curves and generated captions.",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    default="plots",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Folder for the PNG files.",
-)
-@_fail_cleanly
-def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
-    """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions.
-
-    Needs the optional extra: pip install 'captioner[plots]'.
-
-    \b
-    Example:
-      captioner plot --dataset flickr8k --out plots/
-      captioner plot --dataset demo --run runs/demo --out plots/
-    """
-    cfg = resolve(**common)
-    from captioner import plots as stage
-
-    for path in stage.plot(cfg, Path(out_dir), Path(run_dir) if run_dir else None):
-        click.echo(path)
-
-
-@main.command()
-@click.option(
-    "--model",
-    "runs",
-    multiple=True,
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Run directory (repeatable: models are shown side by side).",
-)
-@click.option(
-    "--examples",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Folder of example images (default: the first run's test images).",
-)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
-@_fail_cleanly
-def app(runs: tuple[str, ...], examples: str | None, host: str, port: int) -> None:
-    """Start the web page: upload an image, compare the captions of several models.
-
-    Needs the optional extra: pip install 'captioner[app]'.
-
-    \b
-    Example:
-      captioner app --model runs/flickr30k --model runs/flickr8k
-    """
-    from captioner import app as page
-
-    sys.exit(
-        page.launch(
-            [Path(r) for r in runs], Path(examples) if examples else None, host=host, port=port
-        )
-    )
+for command in (cli_results.runs, cli_results.plot, cli_results.app):
+    main.add_command(command)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from captioner.config import Config
 from captioner.errors import CaptionerError
 from captioner.io import log
 from captioner.text import END_ID, START_ID
@@ -28,14 +27,6 @@ if TYPE_CHECKING:
 # Bucket width in tokens for `bucket=True`: batches pad to within 2 tokens of their longest caption.
 # For evaluation only: training on length-bucketed batches learns much worse (make_dataset).
 BUCKET_STEP = 2
-
-
-def read_split(cfg: Config, split: str) -> pd.DataFrame:
-    """The `image` and `caption` columns of one split of captions.csv (see data/README.md)."""
-    from captioner.clean import load_captions
-
-    frame, _ = load_captions(cfg)
-    return frame.loc[frame["split"] == split, ["image", "caption"]].reset_index(drop=True)
 
 
 def encode_split(

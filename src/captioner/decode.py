@@ -1,11 +1,11 @@
 """Greedy and beam-search decoding, batched over images and beams, compiled with tf.function.
 
-Both decoders step the RNN state one token at a time with model.hidden_step (no re-running of
-the prefix per word; an LSTM's input projection is looked up per token) inside one compiled loop
-per batch of images. They stop at <end> or after `max_length` words, whichever comes first, and
-stop early once every caption (or beam) has ended. Padding, <start> and <unk> can never be
-emitted: the hidden vector is projected onto the columns of <end> and the words only, so their
-logits are never even computed.
+Both run on the decoder interface (models/decoder.py), whichever caption model it is: the state
+from the image features, then one step per token (no re-running of the prefix per word) inside
+one compiled loop per batch of images. They stop at <end> or after `max_length` words,
+whichever comes first, and stop early once every caption (or beam) has ended. Padding, <start>
+and <unk> can never be emitted: the hidden vector is projected onto the columns of <end> and the
+words only, so their logits are never even computed.
 
 Beam search keeps `beam` hypotheses per image in one (images * beam) batch. A finished hypothesis
 stays in its slot and may only be extended by padding at no cost, so finished and live hypotheses
@@ -17,7 +17,6 @@ in the hypothesis.
 
 from __future__ import annotations
 
-import functools
 import warnings
 import weakref
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioner.model import hidden_step, image_vector, initial_state, token_table
+from captioner.models import Decoder, decoder_for
 from captioner.text import END_ID, PAD_ID, START_ID, UNK_ID
 
 NEVER_EMIT = (PAD_ID, UNK_ID, START_ID)  # ids 0, 1, 2 (text.py): all below <end>, so
@@ -122,31 +121,17 @@ def _until_end(row: np.ndarray) -> list[int]:
     return words
 
 
-def _xla_step(model: keras.Model) -> Callable:
-    """step(image, token, state) -> (hidden, state): model.hidden_step with the LSTM's input
-    projection looked up (token_table), compiled by XLA, which fuses the RNN's gate arithmetic:
-    about a fifth faster on CPU. Only the step: the vocabulary projection stays with
-    TensorFlow's oneDNN matmul, faster than XLA's at that size (BENCHMARKS.md)."""
-    table = token_table(model)  # (V, 4U) for an LSTM, else None
-    compiled = tf.function(functools.partial(hidden_step, model), jit_compile=True)
-    return lambda image, token, state: compiled(image, token, state, table)
-
-
-def _vocab_size(model: keras.Model) -> int:
-    return int(model.get_layer("logits").units)
-
-
-def _allowed_projection(model: keras.Model) -> tuple[tf.Tensor, tf.Tensor]:
-    """The `logits` layer restricted to the ids a caption may contain, <end> and the words.
+def _allowed_projection(decoder: Decoder) -> tuple[tf.Tensor, tf.Tensor]:
+    """The output layer restricted to the ids a caption may contain, <end> and the words.
 
     -> kernel (U, A), bias (A,) with A = V - 3 rounded up to a multiple of BLOCK; the padding
     columns have bias 2 * MASKED, below any real column even when n-gram blocking masked it, so
     they are never chosen. Column a is id a + FIRST_ALLOWED. Projecting onto these columns masks
     <pad>, <unk> and <start> for free and lets _scan reshape the logits into blocks.
     """
-    layer = model.get_layer("logits")
-    kernel = tf.convert_to_tensor(layer.kernel)[:, FIRST_ALLOWED:]
-    bias = tf.convert_to_tensor(layer.bias)[FIRST_ALLOWED:]
+    kernel, bias = decoder.output_layer()  # (U, V), (V,)
+    kernel = tf.convert_to_tensor(kernel)[:, FIRST_ALLOWED:]
+    bias = tf.convert_to_tensor(bias)[FIRST_ALLOWED:]
     padding = -kernel.shape[1] % BLOCK
     return (
         tf.pad(kernel, [[0, 0], [0, padding]]),
@@ -193,17 +178,16 @@ def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=XLA)
     def run(features):
-        model = model_ref()  # traced while the caller holds the model
+        decoder = decoder_for(model_ref())  # traced while the caller holds the model
         batch = tf.shape(features)[0]
-        kernel, bias = _allowed_projection(model)  # (U, A), (A,)
-        step = _xla_step(model)
-        image = image_vector(model, features)  # (B, U)
-        state = initial_state(model, batch)
+        kernel, bias = _allowed_projection(decoder)  # (U, A), (A,)
+        step = decoder.step_fn()  # the step only: the projection stays with oneDNN's matmul
+        state = decoder.start(features)
         token = tf.fill([batch], START_ID)
         done = tf.zeros([batch], tf.bool)
         output = tf.zeros([max_length, batch], tf.int32)  # time-major so each step writes a row
         for t in tf.range(max_length):
-            hidden, state = step(image, token, state)  # (B, U)
+            hidden, state, _ = step(token, state)  # (B, U)
             logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B, A)
             token = tf.argmax(logits, axis=-1, output_type=tf.int32) + FIRST_ALLOWED
             token = tf.where(done, PAD_ID, token)  # (B,)
@@ -224,20 +208,21 @@ def _beam_loop(
 ) -> Callable:
     # Only a hypothesis's own best `per_row` words can enter the next beam: its rank is monotone
     # in the word's log-probability. So top-k per row first, then over (B, K * per_row).
-    per_row = min(beam, _vocab_size(model) - FIRST_ALLOWED)
+    per_row = min(beam, decoder_for(model).vocab_size - FIRST_ALLOWED)
     # A finished hypothesis has one continuation, padding at no cost: (per_row,)
     finished_logp = tf.constant([0.0] + [MASKED] * (per_row - 1))
     model_ref = weakref.ref(model)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=XLA)
     def run(features):
-        model = model_ref()  # traced while the caller holds the model
+        decoder = decoder_for(model_ref())  # traced while the caller holds the model
         batch = tf.shape(features)[0]
         rows = batch * beam  # hypotheses are rows b * beam + k
-        kernel, bias = _allowed_projection(model)  # (U, A), (A,)
-        step = _xla_step(model)
-        image = tf.repeat(image_vector(model, features), beam, axis=0)  # (B*K, U)
-        state = initial_state(model, rows)
+        kernel, bias = _allowed_projection(decoder)  # (U, A), (A,)
+        step = decoder.step_fn()
+        state = tf.nest.map_structure(  # every part (B*K, ...)
+            lambda part: tf.repeat(part, beam, axis=0), decoder.start(features)
+        )
         token = tf.fill([rows], START_ID)
         # Only hypothesis 0 is alive at first, so the first step does not pick K copies of it.
         scores = tf.tile(tf.constant([[0.0] + [MASKED] * (beam - 1)]), [batch, 1])  # (B, K)
@@ -245,7 +230,7 @@ def _beam_loop(
         done = tf.zeros([batch, beam], tf.bool)
         sequences = tf.zeros([rows, max_length], tf.int32)
         for t in tf.range(max_length):
-            hidden, state = step(image, token, state)  # (B*K, U)
+            hidden, state, _ = step(token, state)  # (B*K, U)
             logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B*K, A)
             if no_repeat_ngram > 0:
                 logits += _repeated_ngram_mask(sequences, t, no_repeat_ngram, logits.shape[1])
@@ -269,7 +254,7 @@ def _beam_loop(
             lengths = tf.gather(candidate_length, origin, batch_dims=1)
             done = tf.gather(done, origin, batch_dims=1) | (new_token == END_ID)
             parent = tf.reshape(origin + tf.range(batch)[:, None] * beam, [rows])  # (B*K,)
-            state = [tf.gather(s, parent) for s in state]
+            state = _reorder(state, parent)
             token = tf.reshape(new_token, [rows])
             sequences = tf.gather(sequences, parent)
             sequences = tf.tensor_scatter_nd_update(
@@ -281,6 +266,11 @@ def _beam_loop(
         return tf.reshape(sequences, [batch, beam, max_length])[:, 0]  # (B, max_length)
 
     return run
+
+
+def _reorder(state, parent):
+    """Every part of the state (B*K, ...) taken from the hypotheses the new ones extend."""
+    return tf.nest.map_structure(lambda part: tf.gather(part, parent), state)
 
 
 def _repeated_ngram_mask(sequences, t, n: int, width: int):

@@ -29,6 +29,7 @@ KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # Only regular files up to this size are read as images (README, "Safety"): larger than any
 # photo Pillow would decode within its pixel limit, small enough that a few at once fit in memory.
 MAX_IMAGE_BYTES = 256 << 20
+ENCODER_CACHE = 4  # encoders kept built (build_encoder): one each for a few runs side by side
 NOT_REGULAR = "not a regular file (a FIFO, device or folder); only image files are read"
 # Pillow only warns between 1x and 2x its pixel limit (and refuses above): load_image refuses
 # both and reports it as one line, so the warning itself would be noise.
@@ -273,7 +274,8 @@ def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 
     """Encoder `name` with weights "imagenet" (fetched by Keras once), "none" (random, seeded by
     `seed`) or a local .h5 / .weights.h5 file; precision auto | float32 | bfloat16.
 
-    Building takes seconds, so the last two encoders built are kept and returned again."""
+    Building takes seconds, so the last ENCODER_CACHE encoders built are kept and returned
+    again: the one encoder cache, so runs made with the same encoder share one copy of it."""
     if name not in ENCODERS:
         raise CaptionerError(
             f"features.encoder: unknown encoder '{name}'; choose one of {', '.join(ENCODERS)}"
@@ -290,7 +292,7 @@ def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 
     return _build(name, weights, resolve_precision(precision), seed, stamp)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=ENCODER_CACHE)
 def _build(name: str, weights: str, precision: str, seed: int, stamp: int | None) -> Encoder:
     spec = ENCODERS[name]
     keras.utils.set_random_seed(seed)  # the "none" weights are a function of the seed

@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from captioner import metrics, run_data
-from captioner.caption import LoadedRun, load_run
+from captioner import captions, metrics, run_data
 from captioner.card import write_card
 from captioner.config import replace
 from captioner.errors import CaptionerError
 from captioner.io import atomic_write_bytes, file_sha256, log, read_json, write_json
+from captioner.rundir import LoadedRun, load_run
 
 CHUNK = 500  # images per decoding call: the unit of progress
 # Feature-cache settings that must match the run's features_meta.json.
@@ -57,7 +57,8 @@ def evaluate(
     run = load_run(run_dir, with_encoder=False)
     if data_dir is not None:
         run.cfg = replace(run.cfg, **{"data.data_dir": data_dir})
-    settings = run.decode_settings(beam)
+    decoding = run.decode_settings(beam)  # resolved once: run's config plus --beam
+    settings = decoding.to_dict()
     references = split_references(run, split)
     data = run_data.check(run_dir, run.cfg)  # refuses captions the run was not trained on
     scored = {
@@ -85,7 +86,7 @@ def evaluate(
         dynamic_ncols=True,
     ) as progress:
         for start in range(0, len(images), CHUNK):
-            hypotheses += run.caption_features(features[start : start + CHUNK], settings["beam"])
+            hypotheses += run.caption_features(features[start : start + CHUNK], decoding)
             progress.update(min(CHUNK, len(images) - start))
     refs = [references[image] for image in images]
     scores, notes = metrics.score_all(hypotheses, refs, with_meteor=with_meteor)
@@ -127,26 +128,21 @@ def _previous(path: Path, predictions: Path, expected: dict) -> dict | None:
 
 def split_references(run: LoadedRun, split: str) -> dict[str, list[str]]:
     """{image: its clean captions} for the split, images in captions.csv order."""
-    from captioner.clean import load_captions
-
     cfg = run.cfg
     if not cfg.captions_csv.is_file():
         raise CaptionerError(
             f"{cfg.captions_csv}: not found; pass --data-dir DIR where the run's "
             f"dataset '{cfg.data.dataset}' lives (DIR/{cfg.data.dataset}/)"
         )
-    frame, _ = load_captions(cfg)
-    rows = frame[frame["split"] == split]
+    frame, _ = captions.load_captions(cfg)
+    rows = captions.split_rows(frame, split)
     if rows.empty:
         found = ", ".join(sorted(set(frame["split"]))) or "none"
         raise CaptionerError(
             f"{cfg.captions_csv}: no images in split '{split}' (splits: "
             f"{found}); pass --split with one of them"
         )
-    references: dict[str, list[str]] = {}
-    for image, caption in zip(rows["image"], rows["caption"], strict=True):
-        references.setdefault(image, []).append(caption)
-    return references
+    return captions.references(rows)
 
 
 def split_features(

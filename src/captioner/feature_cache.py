@@ -40,11 +40,16 @@ class FeatureCache:
     row: dict[str, int]
 
 
+def is_finished(features_dir: str | Path) -> bool:
+    """meta.json is written last: its presence means a complete cache (load_cache checks it)."""
+    return (Path(features_dir) / "meta.json").is_file()
+
+
 def load_cache(features_dir: str | Path) -> FeatureCache:
     """Open a finished cache; one-line CaptionerError if it is missing, unfinished or corrupt."""
     folder = Path(features_dir)
     rerun = f"run `captioner features` (delete {folder} first if it is corrupt)"
-    if not (folder / "meta.json").is_file():
+    if not is_finished(folder):
         state = "unfinished" if (folder / "chunks").is_dir() else "no"
         raise CaptionerError(f"{folder}: {state} feature cache (no meta.json); {rerun}")
     meta = read_json(folder / "meta.json")

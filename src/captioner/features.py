@@ -21,27 +21,28 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from captioner.config import Config, parse_shard
+from captioner.captions import load_captions
+from captioner.config import Config
 from captioner.errors import CaptionerError
-from captioner.feature_cache import FORMAT, assemble, load_cache, read_bad, save_npy, write_cache
+from captioner.feature_cache import (
+    FORMAT,
+    assemble,
+    is_finished,
+    load_cache,
+    read_bad,
+    save_npy,
+    write_cache,
+)
 from captioner.io import library_versions, log, names_sha256, read_json, write_json
+from captioner.limits import parse_shard
 
 # Keys that must agree between a finished cache (or unfinished chunks, or shards) and the config.
 SETTINGS = ("encoder", "weights", "seed", "precision", "dtype", "images_sha256")
 
 
-def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 0):
-    """See encoders.build_encoder (imported lazily: TensorFlow is slow to import)."""
-    from captioner import encoders
-
-    return encoders.build_encoder(name, weights, precision, seed)
-
-
 # --- settings and image list ----------------------------------------------------------------------
 def _image_list(cfg: Config) -> tuple[list[str], Path]:
     """Unique image names from captions.csv in file order, and the folder holding them."""
-    from captioner.clean import load_captions
-
     frame, images_dir = load_captions(cfg)
     return list(dict.fromkeys(frame["image"])), images_dir
 
@@ -94,7 +95,7 @@ def extract(cfg: Config) -> Path:
         out = out / "shards" / f"{index}-of-{count}"
         extra = {"shard": f"{index}/{count}", "shard_first": int(start), "images": len(names)}
         names = names[start:stop]
-    if (out / "meta.json").is_file():
+    if is_finished(out):
         _check_same(
             load_cache(out).meta,
             wanted,
@@ -160,7 +161,7 @@ def _compute(
         log(f"resuming {out}: {len(chunk_names) - len(todo)} of {len(chunk_names)} chunks done")
     if todo:
         # the encoder before the plan: if it cannot be built, nothing is written
-        encoder = build_encoder(
+        encoder = encoders.build_encoder(
             cfg.features.encoder, cfg.features.weights, settings["precision"], cfg.seed
         )
         if not resuming:
@@ -249,7 +250,7 @@ def _run_chunks(
 def merge_shards(cfg: Config) -> Path:
     """Concatenate the finished shards/I-of-N/ caches, in order, into cfg.features_dir."""
     out = cfg.features_dir
-    if (out / "meta.json").is_file():
+    if is_finished(out):
         log(f"reusing {out}")
         return out
     found = [re.fullmatch(r"(\d+)-of-(\d+)", p.name) for p in (out / "shards").glob("*-of-*")]
@@ -264,7 +265,7 @@ def merge_shards(cfg: Config) -> Path:
     caches = []
     for index in range(count):
         folder = out / "shards" / f"{index}-of-{count}"
-        if not (folder / "meta.json").is_file():
+        if not is_finished(folder):
             raise CaptionerError(
                 f"{folder}: shard {index}/{count} is not finished; run "
                 f"`captioner features --shard {index}/{count}`"

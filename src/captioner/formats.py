@@ -16,7 +16,8 @@ from pathlib import Path
 
 from captioner.errors import CaptionerError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# The one list of image file suffixes: caption files, `captioner caption FOLDER`, the app.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Split names used by the sources -> ours. Karpathy's "restval" images are training images.
 SPLIT_NAMES = {
     "train": "train",
@@ -67,7 +68,7 @@ class CaptionSource:
 
 def is_image_name(name: str) -> bool:
     """True for names with an image extension (not the stray `...jpg.1` of Flickr8k.token.txt)."""
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return name.lower().endswith(IMAGE_SUFFIXES)
 
 
 # --- reading text --------------------------------------------------------------------------------

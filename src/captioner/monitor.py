@@ -21,10 +21,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from captioner import data
+from captioner import captions
 from captioner.config import Config
 from captioner.io import log, read_json, write_json
-from captioner.model import image_vector, initial_state, step
+from captioner.models import decoder_for
 from captioner.text import END_ID, START_ID
 from captioner.tokenizer import Vocabulary
 
@@ -51,11 +51,10 @@ def callbacks(run_dir: Path, cfg: Config, cache: Any, vocab: Vocabulary) -> list
 
 def dev_samples(cfg: Config, cache: Any) -> tuple[list[str], np.ndarray, list[list[str]]]:
     """The first SAMPLE_IMAGES dev images with features: names, features (N, D), references."""
-    frame = data.read_split(cfg, "dev")
-    references: dict[str, list[str]] = {}
-    for image, caption in zip(frame["image"], frame["caption"], strict=True):
-        if image in cache.row and (image in references or len(references) < SAMPLE_IMAGES):
-            references.setdefault(image, []).append(caption)
+    frame = captions.read_split(cfg, "dev")
+    frame = frame[frame["image"].isin(set(cache.row))]  # images with features
+    first = frame["image"].unique()[:SAMPLE_IMAGES]
+    references = captions.references(frame[frame["image"].isin(first)])
     images = list(references)
     rows = [cache.row[image] for image in images]
     features = np.asarray(cache.features[rows], dtype=np.float32).reshape(len(rows), -1)
@@ -68,13 +67,13 @@ def greedy_captions(model: keras.Model, features: np.ndarray, vocab: Vocabulary)
     with warnings.catch_warnings():
         # The embedding's mask reaches the LSTM cell, which warns it drops it: one token has none.
         warnings.filterwarnings("ignore", "Layer '.*_cell'.*does not support masking")
-        image = image_vector(model, features)  # (B, U)
-        state = initial_state(model, len(features))
+        decoder = decoder_for(model)
+        state = decoder.start(features)
         tokens = np.full(len(features), START_ID, np.int32)
         words = []
         for _ in range(vocab.max_length):
-            logits, state = step(model, image, tokens, state)  # (B, V)
-            logits = keras.ops.convert_to_numpy(logits)
+            hidden, state, _ = decoder.step(tokens, state)  # (B, U)
+            logits = keras.ops.convert_to_numpy(decoder.logits(hidden))  # (B, V)
             logits[:, :END_ID] = -np.inf  # never <pad>, <unk> or <start>
             tokens = logits.argmax(axis=1).astype(np.int32)
             words.append(tokens)
@@ -99,7 +98,7 @@ class DevCaptions(keras.callbacks.Callback):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
         try:
-            captions = greedy_captions(self.model, self.features, self.vocab)
+            generated = greedy_captions(self.model, self.features, self.vocab)
         except Exception as error:  # a model without the merge model's step: never stop training
             log(f"dev captions for TensorBoard skipped: {type(error).__name__}: {error}")
             self.images = []
@@ -107,7 +106,7 @@ class DevCaptions(keras.callbacks.Callback):
         rows = ["| image | greedy caption | a reference |", "|---|---|---|"]
         rows += [
             f"| {image} | {caption} | {refs[0]} |"
-            for image, caption, refs in zip(self.images, captions, self.references, strict=True)
+            for image, caption, refs in zip(self.images, generated, self.references, strict=True)
         ]
         with self._writer.as_default():
             tf.summary.text("dev_captions", "\n".join(rows), step=epoch)

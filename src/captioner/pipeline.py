@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from captioner import feature_cache
 from captioner.config import Config
 from captioner.io import log
-
-
-def features_finished(features_dir: Path) -> bool:
-    """meta.json is written last by the feature stage: its presence means a complete cache."""
-    return (Path(features_dir) / "meta.json").is_file()
 
 
 def prepare(cfg: Config) -> dict[str, Path]:
@@ -27,7 +23,7 @@ def prepare(cfg: Config) -> dict[str, Path]:
 
     captions_json = cfg.captions_csv.with_name("captions.json")
     have_captions = cfg.captions_csv.is_file() and captions_json.is_file()
-    have_features = features_finished(cfg.features_dir)
+    have_features = feature_cache.is_finished(cfg.features_dir)
     paths = {"raw": cfg.raw_dir}
     # Raw data is needed to clean, or for the images of a downloadable dataset; a cleaned dataset
     # of your own (nothing to download) goes straight to the features stage.

@@ -318,7 +318,9 @@ def _dataset_jobs(cfg: Config, captions: pd.DataFrame, images_dir: Path) -> dict
         cache = load_cache(cfg.features_dir)
         return feature_space(cache.features, cache.ids, images_dir, path, seed=cfg.seed)
 
-    has_cache = (cfg.features_dir / "meta.json").is_file()  # meta.json is written last
+    from captioner.feature_cache import is_finished
+
+    has_cache = is_finished(cfg.features_dir)
     return {
         "samples.png": lambda path: sample_grid(captions, images_dir, path, seed=cfg.seed),
         "word_frequencies.png": lambda path: word_frequencies(captions["caption"], path),
@@ -353,9 +355,9 @@ def plot(cfg: Config, out_dir: Path, run_dir: Path | None = None) -> list[Path]:
 
     Test images of a run are looked up in `cfg`'s dataset, so pass the run's --dataset.
     """
-    from captioner import clean
+    from captioner.captions import load_captions
 
-    captions, images_dir = clean.load_captions(cfg)
+    captions, images_dir = load_captions(cfg)
     jobs = _dataset_jobs(cfg, captions, images_dir) | _run_jobs(run_dir, images_dir)
     written = []
     for name, job in tqdm(jobs.items(), desc="plots", unit="plot"):

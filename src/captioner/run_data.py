@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from captioner.captions import load_captions
 from captioner.config import Config
 from captioner.errors import CaptionerError
 from captioner.io import file_sha256, log, names_sha256, read_json, write_json
@@ -32,8 +33,6 @@ LEGACY_METRICS, LEGACY_PREDICTIONS = "metrics.json", "predictions.csv"
 
 def describe(cfg: Config) -> dict[str, Any]:
     """The captions file of cfg's dataset: its sha256 and, per split, its images."""
-    from captioner.clean import load_captions
-
     frame, _ = load_captions(cfg)
     splits = {}
     for split, rows in frame.groupby("split", sort=True):

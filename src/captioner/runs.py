@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
+from captioner.io import read_json
 
 # Files of which any one makes a folder a run directory (the first two are written first).
 RUN_FILES = ("config.json", "state.json", "model.keras")
-DEFAULT_DECODER = "merge"  # runs made before model.decoder existed
+DEFAULT_DECODER = ModelConfig.decoder  # runs made before model.decoder existed
 # --sort columns: name -> (key of a summary, higher is better?)
 SORT_COLUMNS = {
     "name": False,
@@ -74,6 +76,31 @@ class RunSummary:
 
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
+
+
+def is_finished(run_dir: Path) -> bool:
+    """state.json says the run finished (a damaged state.json raises CaptionerError)."""
+    state_path = Path(run_dir) / "state.json"
+    return state_path.is_file() and bool(read_json(state_path).get("finished"))
+
+
+def latest_run(runs_dir: str | Path) -> Path:
+    """The most recently finished run under runs_dir (state.json says finished; newest wins)."""
+    runs_dir = Path(runs_dir)
+    finished = []
+    for state_path in runs_dir.glob("*/state.json"):
+        try:
+            done = _read_object(state_path).get("finished")
+        except CaptionerError:
+            continue  # a damaged run is not a candidate
+        if done and (state_path.parent / "model.keras").is_file():
+            finished.append((state_path.stat().st_mtime, state_path.parent))
+    if not finished:
+        raise CaptionerError(
+            f"{runs_dir}: no finished run found; train one with `captioner "
+            "train --dataset demo` (offline) or pass --model RUN"
+        )
+    return max(finished)[1]
 
 
 def _read_object(path: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.captions import read_split
 from captioner.config import Config
 from captioner.errors import CaptionerError
 from captioner.io import file_sha256, log, read_json, write_json
@@ -131,8 +132,6 @@ def build_vocab(cfg: Config) -> Path:
 
     Reused while the settings and the captions it came from (their sha256) are unchanged.
     """
-    from captioner.data import read_split
-
     if not cfg.captions_csv.is_file():
         raise CaptionerError(f"{cfg.captions_csv}: not found; run `captioner clean` first")
     tok = cfg.tokenizer

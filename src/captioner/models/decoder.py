@@ -1,0 +1,108 @@
+"""The decoder seam: what training, decoding, evaluation and the app know of a caption model.
+
+A decoder is chosen by `model.decoder` in the config ("merge" today; DECODERS lists them) and
+saved runs record it. Everything outside captioner/models/ goes through these functions and the
+`Decoder` interface; layer names and model internals stay inside each decoder's own module.
+
+Shapes: B images (or hypotheses), D feature size, T caption positions, U hidden size, V words.
+
+    build(cfg, feature_meta, vocab_size, mean, variance) -> keras.Model, compiled for `fit`:
+        {"features": (B, D) float32, "tokens": (B, T) int32} -> logits (B, T, V); its
+        train_step/test_step (the training step) take ({"features", "tokens"}, targets (B, T))
+        and return {"loss"}: cross-entropy averaged over the non-padding targets.
+    load_saved(path, fix) -> keras.Model, any decoder's (safe mode).
+    decoder_for(model) -> Decoder, for inference with a built or loaded model:
+        start(features (B, D)) -> state: a tuple of tensors, each (B, ...)
+        step(token_ids (B,) int32, state) -> (hidden (B, U), new state, attention (B, L) | None)
+        step_fn() -> the same step, prepared for a compiled decoding loop (call while tracing)
+        output_layer() -> (kernel (U, V), bias (V,)): logits = hidden @ kernel + bias
+        logits(hidden (B, U)) -> (B, V) float32
+        vocab_size, hidden_size: V and U
+    Beam search repeats every part of a state per beam and gathers every part by the chosen
+    hypotheses, so each part must be per-row (B, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import keras
+import numpy as np
+
+from captioner.config import Config, ModelConfig
+from captioner.errors import CaptionerError
+from captioner.models import merge
+
+DEFAULT_DECODER = ModelConfig.decoder  # runs saved before model.decoder existed are merge runs
+# model.decoder -> (module building it, its keras.Model class, its Decoder)
+DECODERS = {"merge": (merge, merge.MergeModel, merge.MergeDecoder)}
+
+
+class Decoder(Protocol):
+    """One decoder's inference side; see the module docstring for shapes."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+
+    def start(self, features) -> tuple: ...
+
+    def step(self, token_ids, state) -> tuple: ...
+
+    def step_fn(self) -> Any: ...
+
+    def output_layer(self) -> tuple: ...
+
+    def logits(self, hidden) -> Any: ...
+
+
+def build(
+    cfg: Config,
+    feature_meta: dict[str, Any],
+    vocab_size: int,
+    feature_mean: np.ndarray | None = None,
+    feature_variance: np.ndarray | None = None,
+) -> keras.Model:
+    """The decoder cfg.model.decoder names, for features of `feature_meta` (its "dim"), compiled
+    with Adam at cfg.train.learning_rate."""
+    module = DECODERS[cfg.model.decoder][0]  # a known name: config checks model.decoder
+    model = module.build_model(
+        int(feature_meta["dim"]),
+        vocab_size,
+        cfg.model,
+        feature_mean,
+        feature_variance,
+        precision=cfg.train.precision,
+    )
+    module.compile_model(model, cfg.train.learning_rate)
+    return model
+
+
+def decoder_for(model: keras.Model) -> Decoder:
+    """The inference interface of a built or loaded model, whichever decoder it is."""
+    for _, model_class, decoder_class in DECODERS.values():
+        if isinstance(model, model_class):
+            return decoder_class(model)
+    raise CaptionerError(
+        f"model '{model.name}' ({type(model).__name__}) is none of the decoders "
+        f"{', '.join(DECODERS)}; train it again with the current captioner"
+    )
+
+
+def load_saved(path: Path, fix: str) -> keras.Model:
+    """A saved .keras model (safe mode); a missing, truncated or foreign file is one line.
+    Importing this module registered every decoder's Keras classes (package "captioner")."""
+    import zipfile
+
+    path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise CaptionerError(
+            f"{path}: unreadable or corrupt (not a complete .keras archive: truncated by an "
+            f"interrupted copy or download?); {fix}"
+        )
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # Keras raises many types for a damaged or foreign file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CaptionerError(f"{path}: unreadable or corrupt ({reason}); {fix}") from None
