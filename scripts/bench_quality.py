@@ -259,13 +259,8 @@ def end_probability(model, cache, references: dict[str, list[str]], encode) -> f
     return float(np.concatenate(probabilities).mean())
 
 
-COLUMNS = {
-    "bleu1": "BLEU-1",
-    "bleu2": "BLEU-2",
-    "bleu3": "BLEU-3",
-    "bleu4": "BLEU-4",
-    "cider_d": "CIDEr-D",
-    "rouge_l": "ROUGE-L",
+SCORES = ("bleu1", "bleu2", "bleu3", "bleu4", "cider_d", "rouge_l")  # named as evaluate does
+EXTRA = {
     "mean_length": "length",
     "at_cap": "at cap",
     "distinct_words": "words",
@@ -278,14 +273,17 @@ COLUMNS = {
 
 def print_table(result: dict) -> None:
     """A Markdown table, one row per contestant, as BENCHMARKS.md records it."""
+    from captioner.evaluate import LABELS
+
+    columns = {**{key: LABELS[key] for key in SCORES}, **EXTRA}
     rows = [name for name in ("reference", "ours") if name in result]
-    print("| | " + " | ".join(COLUMNS.values()) + " |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
+    print("| | " + " | ".join(columns.values()) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name in rows:
         values = result[name]
         cells = [
             f"{values[key]:.3f}" if isinstance(values[key], float) else str(values[key])
-            for key in COLUMNS
+            for key in columns
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")
     for name in rows:
