@@ -113,10 +113,18 @@ def test_padding_does_not_change_the_loss(captions, small_model):
     assert float(keras_loss) > 1.0  # a real loss, not a degenerate 0
 
 
-def test_fused_output_loss_has_the_gradients_of_dense_plus_crossentropy(captions, small_model):
+# 3 rows: one of the 4 length groups is empty; 13 rows of many lengths: uneven groups
+@pytest.mark.parametrize("rows", [[5, 60, 130], list(range(0, 195, 15))])
+def test_fused_output_loss_has_the_gradients_of_dense_plus_crossentropy(
+    captions, small_model, rows
+):
+    """MergeModel's training loss (length-sorted groups, the output layer only at real words)
+    equals Dense + Keras' loss on the whole padded batch, value and gradients."""
     _, encoded = captions
     model = small_model
-    inputs, targets = batch(encoded, [5, 60, 130], extra_padding=3)
+    varied = [encoded[row][: 2 + 3 * index % 11] for index, row in enumerate(rows)]  # lengths
+    inputs, targets = batch(varied, list(range(len(rows))), extra_padding=3)
+    assert len({int(n) for n in (targets != 0).sum(axis=1)}) >= min(len(rows), 4)
     weights = model.trainable_weights
     with tf.GradientTape(persistent=True) as tape:
         fused, count = model._loss(inputs, targets, training=True)
