@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from captioner import plots
+from captioner import plot_figures, plots
 from captioner.errors import CaptionerError
 from captioner.text import normalize
 
@@ -85,7 +85,7 @@ def test_sample_grid_marks_missing_images_instead_of_failing(captions, tmp_path)
     out = plots.sample_grid(captions, tmp_path / "nowhere", tmp_path / "samples.png", count=2)
     assert_png(out)
     # what the grid draws for a missing image: its name and "not readable", on grey
-    figure = plots._image_grid([(tmp_path / "nowhere" / "a.jpg", "a caption")], "title")
+    figure = plot_figures.image_grid([(tmp_path / "nowhere" / "a.jpg", "a caption")], "title")
     marks = [(text.get_text(), axes.get_facecolor()) for axes in figure.axes for text in axes.texts]
     assert marks == [("a.jpg\nnot readable", (0.9, 0.9, 0.9, 1.0))]
 

@@ -11,15 +11,12 @@ backend; PNGs are rendered by Agg) and written atomically.
 
 from __future__ import annotations
 
-import io
-import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from captioner.errors import CaptionerError
@@ -35,78 +32,11 @@ except ImportError as error:
         "pip install 'captioner[plots]'"
     ) from None
 
+from captioner import plot_figures as figures
 from captioner.config import Config
-from captioner.io import atomic_write_bytes, log
+from captioner.io import log
 
 MAX_FEATURE_POINTS = 3000  # PCA/k-means on a seeded sample keeps Flickr30k (31k x 4096) quick
-THUMBNAIL = 128  # pixels, longest side
-
-
-# --- helpers -------------------------------------------------------------------------------
-
-
-def _save(figure: Figure, path: Path) -> Path:
-    """Render to PNG in memory, then write atomically: a kill never leaves half a file."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def _thumbnail(path: Path, size: int = THUMBNAIL) -> Image.Image | None:
-    """A small RGB copy of an image, or None when the file is missing or unreadable."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-            return image
-    except (OSError, UnidentifiedImageError):
-        return None
-
-
-def _show(axes, path: Path, size: int = THUMBNAIL) -> None:
-    """Draw an image without ticks or frame; a grey 'not readable' box when it cannot be read.
-
-    The axis stays on (only invisible) so an x-label under the image takes part in the layout.
-    """
-    axes.set_xticks([])
-    axes.set_yticks([])
-    axes.spines[:].set_visible(False)
-    image = _thumbnail(path, size)
-    if image is None:
-        axes.text(0.5, 0.5, f"{path.name}\nnot readable", ha="center", va="center", fontsize=7)
-        axes.set_facecolor("0.9")
-    else:
-        axes.imshow(image)
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    """A CSV as strings and numbers (a caption "nan" stays text), or a one-line error."""
-    try:
-        return pd.read_csv(path, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise CaptionerError(f"{path}: unreadable CSV ({error}); write it again") from None
-
-
-def _wrap(text: str, width: int = 40) -> str:
-    return "\n".join(textwrap.wrap(text, width)) or "(empty)"
-
-
-def _image_grid(cells: Sequence[tuple[Path, str]], title: str, columns: int = 3) -> Figure:
-    """Images in a grid, each with a block of text underneath. cells = [(image path, text)]."""
-    rows = max(1, -(-len(cells) // columns))
-    figure = Figure(figsize=(3.6 * columns, 4.0 * rows), layout="constrained")
-    figure.suptitle(title, fontsize=13)
-    grid = figure.subplots(rows, columns, squeeze=False)
-    for axes, cell in zip(grid.flat, list(cells) + [None] * (grid.size - len(cells)), strict=True):
-        if cell is None:
-            axes.set_axis_off()
-            continue
-        path, text = cell
-        _show(axes, path, size=320)
-        axes.set_title(path.name, fontsize=8, color="0.4")
-        axes.set_xlabel(text, loc="left", multialignment="left", fontsize=9)
-    return figure
 
 
 # --- dataset plots -------------------------------------------------------------------------
@@ -127,8 +57,8 @@ def sample_grid(
     cells = []
     for name in chosen:
         texts = captions.loc[captions["image"] == name, text_column].head(per_image)
-        cells.append((images_dir / name, "\n".join(f"• {_wrap(str(t))}" for t in texts)))
-    return _save(_image_grid(cells, "Sample images and their captions"), out)
+        cells.append((images_dir / name, "\n".join(f"• {figures.wrap(str(t))}" for t in texts)))
+    return figures.save(figures.image_grid(cells, "Sample images and their captions"), out)
 
 
 def word_counts(captions: Iterable[str], top: int = 50) -> list[tuple[str, int]]:
@@ -152,7 +82,7 @@ def word_frequencies(captions: Iterable[str], out: Path, top: int = 50) -> Path:
     axes.set_title(f"The {len(words)} most frequent words")
     axes.tick_params(axis="y", labelsize=8)
     axes.margins(y=0.005)
-    return _save(figure, out)
+    return figures.save(figure, out)
 
 
 def feature_clusters(
@@ -233,7 +163,7 @@ def feature_space(
         nearest = rows[labels == k][:examples]  # rows are sorted by distance to their centre
         for column, axes in enumerate(thumbnails[k]):
             if column < len(nearest):
-                _show(axes, images_dir / ids[nearest[column]])
+                figures.show(axes, images_dir / ids[nearest[column]])
             else:
                 axes.set_axis_off()
         thumbnails[k][0].text(
@@ -247,7 +177,7 @@ def feature_space(
             ha="right",
             va="center",
         )
-    return _save(figure, out)
+    return figures.save(figure, out)
 
 
 # --- run plots -----------------------------------------------------------------------------
@@ -255,7 +185,7 @@ def feature_space(
 
 def loss_curves(history_csv: Path, out: Path) -> Path:
     """Training and validation loss per epoch from a run's history.csv (epoch,loss,val_loss)."""
-    history = _read_csv(history_csv)
+    history = figures.read_csv(history_csv)
     if "loss" not in history.columns or history.empty:
         raise CaptionerError(
             f"{history_csv}: no 'loss' column or no epochs; pass a run made by `captioner train`"
@@ -280,7 +210,7 @@ def loss_curves(history_csv: Path, out: Path) -> Path:
     axes.set_title(f"Loss per epoch ({history_csv.parent.name})")
     axes.legend()
     axes.grid(alpha=0.3)
-    return _save(figure, out)
+    return figures.save(figure, out)
 
 
 def _first_reference(references: str) -> str:
@@ -290,7 +220,7 @@ def _first_reference(references: str) -> str:
 
 def prediction_grid(predictions_csv: Path, images_dir: Path, out: Path, count: int = 6) -> Path:
     """Test images with the generated caption and one reference caption each."""
-    predictions = _read_csv(predictions_csv)
+    predictions = figures.read_csv(predictions_csv)
     missing = {"image", "caption", "references"} - set(predictions.columns)
     if missing:
         raise CaptionerError(
@@ -299,11 +229,14 @@ def prediction_grid(predictions_csv: Path, images_dir: Path, out: Path, count: i
     cells = [
         (
             images_dir / row.image,
-            f"model: {_wrap(row.caption)}\nreference: {_wrap(_first_reference(row.references))}",
+            f"model: {figures.wrap(row.caption)}\n"
+            f"reference: {figures.wrap(_first_reference(row.references))}",
         )
         for row in predictions.head(count).itertuples()
     ]
-    return _save(_image_grid(cells, f"Generated captions ({predictions_csv.parent.name})"), out)
+    return figures.save(
+        figures.image_grid(cells, f"Generated captions ({predictions_csv.parent.name})"), out
+    )
 
 
 # --- the stage -----------------------------------------------------------------------------
