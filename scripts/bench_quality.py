@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from bench_common import machine, report
 
-from captioner.io import log, read_json, write_json
+from captioner.io import log, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CAPTIONER_SHARED", ROOT.parent / "shared"))
@@ -112,19 +112,18 @@ def prepare_dataset(tmp: Path, args: argparse.Namespace):
 
 
 def write_cache(source: Path, out: Path, kind: str) -> None:
-    """A finished feature cache (data/README.md) of the shared features: pooled as they are, or
-    the mean over the grid's regions (the merge model's view of the attention features)."""
-    out.mkdir(parents=True)
-    shutil.copyfile(source / "ids.txt", out / "ids.txt")
-    (out / "bad_images.txt").write_text("")
-    if kind == "pooled":
-        (out / "features.npy").symlink_to((source / "features.npy").resolve())
-    else:  # (N, H, W, C) -> (N, C)
-        grid = np.load(source / "features.npy", mmap_mode="r")
-        np.save(out / "features.npy", grid.astype(np.float32).mean(axis=(1, 2)).astype(np.float16))
-    features = np.load(out / "features.npy", mmap_mode="r")
+    """A finished feature cache (data/README.md) of the shared features, written by captioner's
+    own cache writer: pooled as they are, or the mean over the grid's regions (the merge model's
+    view of the attention features)."""
+    from captioner.feature_cache import write_cache as write_feature_cache
+
+    features = np.load(source / "features.npy", mmap_mode="r")
+    if kind != "pooled":  # (N, H, W, C) -> (N, C)
+        features = features.astype(np.float32).mean(axis=(1, 2)).astype(np.float16)
+    ids = (source / "ids.txt").read_text(encoding="utf-8").split()
     meta = {"encoder": ENCODER, "weights": "imagenet", "dim": int(features.shape[1])}
-    write_json(out / "meta.json", {**meta, "count": len(features), "dtype": str(features.dtype)})
+    out.mkdir(parents=True)
+    write_feature_cache(out, [(features, ids, [])], {**meta, "dtype": str(features.dtype)})
 
 
 def dev_references(cfg) -> dict[str, list[str]]:
