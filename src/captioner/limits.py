@@ -67,8 +67,10 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "model.embed_dim": Range(1, 65536),
     "model.units": Range(1, 65536),
     "model.dropout": Range(0, 1, open_high=True),
-    "model.decoder": ("merge",),  # models.DECODERS (tests/test_model.py checks they agree)
+    "model.decoder": ("merge", "attention"),  # models.DECODERS (tests/test_model.py checks)
     "model.cell": ("lstm", "gru"),
+    "model.attention_units": Range(1, 65536),
+    "model.doubly_stochastic": Range(0, 1000),  # 0 = off
     "train.epochs": Range(1, 100_000),
     "train.batch_size": Range(1, 1 << 20),
     "train.learning_rate": Range(0, 10, open_low=True),
@@ -108,6 +110,11 @@ def check_limits(config: Any) -> None:
             )
     if config.features.shard:
         parse_shard(config.features.shard)
+    if config.model.decoder == "attention" and config.model.cell != "lstm":
+        raise ConfigError(
+            f"config key 'model.cell' must be lstm for the attention decoder, got "
+            f"{config.model.cell!r}"
+        )
     data = config.data
     if data.dev_fraction + data.test_fraction >= 1:
         raise ConfigError(
