@@ -4,10 +4,14 @@ A decoder is chosen by `model.decoder` in the config (DECODERS lists them: "merg
 notebook's model on one pooled vector per image, and "attention", Show-Attend-Tell's soft
 attention over a grid of regions) and saved runs record it. Everything outside captioner/models/
 goes through these functions and the `Decoder` interface; layer names and model internals stay
-inside each decoder's own module. Each decoder module says which features it takes in FEATURES:
-"pooled" (B, D) vectors or a "grid" (B, H, W, C) of region vectors (D = C for a grid).
+inside each decoder's own module.
 
 Shapes: B images (or hypotheses), T caption positions, U hidden size, V words, L = H * W regions.
+
+Each decoder module declares the image features it takes, `FEATURES = "pooled"` ((B, D): one
+vector per image) or `"grid"` ((B, H, W, C): a vector per image region); features_of(name) asks
+it, and feature_cache.for_decoder gives every consumer the rows in that shape (a grid cache
+serves a pooled decoder as the mean over regions; D = C then).
 
     build(cfg, feature_meta, vocab_size, mean, variance) -> keras.Model, compiled for `fit`:
         {"features": (B, D) or (B, H, W, C) float32, "tokens": (B, T) int32} -> logits (B, T, V);
@@ -68,6 +72,15 @@ class Decoder(Protocol):
     def logits(self, hidden) -> Any: ...
 
 
+def features_of(decoder: str) -> str:
+    """What decoder `decoder` (a model.decoder name) takes: "pooled" or "grid" (its FEATURES)."""
+    if decoder not in DECODERS:
+        raise CaptionerError(
+            f"model.decoder: unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}"
+        )
+    return DECODERS[decoder][0].FEATURES
+
+
 def build(
     cfg: Config,
     feature_meta: dict[str, Any],
@@ -93,7 +106,7 @@ def build(
 def feature_shape(decoder: str, feature_meta: dict[str, Any]) -> Any:
     """What decoder `decoder` builds its features input from: D for a pooled decoder, (H, W, C)
     for a grid decoder (which needs a grid cache: one line if feature_meta has no "grid")."""
-    if DECODERS[decoder][0].FEATURES == "pooled":
+    if features_of(decoder) == "pooled":
         return int(feature_meta["dim"])
     grid = feature_meta.get("grid")
     if not grid:

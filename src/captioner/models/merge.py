@@ -44,7 +44,7 @@ from captioner.text import PAD_ID
 __all__ = ["FEATURES", "MergeDecoder", "MergeModel", "build_model", "compile_model"]
 
 RNN_LAYERS = {"lstm": layers.LSTM, "gru": layers.GRU}
-FEATURES = "pooled"  # one vector per image (models/decoder.py)
+FEATURES = "pooled"  # one vector per image (B, D); a grid cache arrives as its mean over regions
 
 
 @keras.saving.register_keras_serializable(package="captioner")
