@@ -22,6 +22,7 @@ from captioner.cli_options import (
     resolve,
     start_tensorflow,
 )
+from captioner.limits import LIMITS
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise on stderr for a CLI.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -171,6 +172,12 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 @config_options
 @click.option("--encoder", default=None, help="Which feature cache to train on.")
 @click.option("--weights", default=None, help="Encoder weights if features must be computed.")
+@click.option(
+    "--decoder",
+    type=click.Choice(LIMITS["model.decoder"]),
+    default=None,
+    help="merge (one vector per image) or attention (a grid of regions; model.decoder).",
+)
 @click.option("--epochs", type=int, default=None)
 @click.option(
     "--batch-size",
@@ -194,6 +201,7 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 def train(
     encoder: str | None,
     weights: str | None,
+    decoder: str | None,
     epochs: int | None,
     batch_size: int | None,
     name: str | None,
@@ -201,12 +209,13 @@ def train(
     resume: bool,
     **common: Any,
 ) -> None:
-    """Train the merge model, running any missing earlier stage first.
+    """Train a caption model (model.decoder), running any missing earlier stage first.
 
     \b
     Example:
       captioner train --dataset flickr8k              # downloads, cleans, extracts, trains
       captioner train --dataset demo --epochs 5
+      captioner train --dataset flickr8k --decoder attention
       captioner train --dataset flickr8k --name f8k --resume
       captioner train --dataset flickr8k --name f8k --resume --epochs 30   # train further
     """
@@ -215,6 +224,7 @@ def train(
         **{
             "features.encoder": encoder,
             "features.weights": weights,
+            "model.decoder": decoder,
             "train.epochs": epochs,
             "train.batch_size": batch_size,
             "train.name": name,
