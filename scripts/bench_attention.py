@@ -20,7 +20,8 @@ block5_conv3, Show-Attend-Tell's choice).
   time of each part alone on real batches, scaled to the epoch.
 - decode_*: ms per caption for 1,000 images, greedy and beam 3, through decode.py, with random
   weights and <end> pushed down so every caption runs to max_length 34 (the worst case, as
-  `bench.py decode` does), vocabulary 8,000.
+  `bench.py decode` does), vocabulary 8,000; attention on the grid and, in the same run, merge
+  on its mean. Wall and CPU milliseconds.
 - peak_rss_mb_30k: peak RSS of one attention epoch on 31,783 images x 5 captions of 7x7x512
   float16 (1.6 GB, memory-mapped), in a subprocess.
 """
@@ -166,25 +167,31 @@ def breakdown(model, data, batches: int, epoch_cpu: float) -> dict[str, float]:
 
 
 def decoding(side: int, images: int, seed: int) -> dict[str, float]:
-    """ms per caption, greedy and beam 3, of a random attention model; every caption 34 words."""
+    """ms per caption (wall and CPU), greedy and beam 3, of random attention and merge models
+    (merge on the grid's mean, as for training); every caption 34 words."""
     import keras
 
     from captioner import decode
+    from captioner.feature_cache import for_decoder
     from captioner.text import END_ID
 
-    keras.utils.set_random_seed(seed)
-    model = build("attention", side, 8000)
-    kernel, bias = model.get_layer("logits").get_weights()
-    bias[END_ID] = -1e4  # full-length captions: the worst case
-    model.get_layer("logits").set_weights([kernel, bias])
-    features = np.random.default_rng(seed).random((images, side, side, CHANNELS), np.float32)
+    grid = np.random.default_rng(seed).random((images, side, side, CHANNELS), np.float32)
     result = {}
-    for name, beam in (("greedy", 1), ("beam3", 3)):
-        decode.decode(model, features[:8], 34, beam=beam)  # trace
-        start = time.perf_counter()
-        ids = decode.decode(model, features, 34, beam=beam)
-        result[f"decode_{name}_ms_{side}x{side}"] = (time.perf_counter() - start) / images * 1000
-        assert all(len(words) == 34 for words in ids)
+    for decoder in ("attention", "merge"):
+        keras.utils.set_random_seed(seed)
+        model = build(decoder, side, 8000)
+        kernel, bias = model.get_layer("logits").get_weights()
+        bias[END_ID] = -1e4  # full-length captions: the worst case
+        model.get_layer("logits").set_weights([kernel, bias])
+        features = grid if decoder == "attention" else for_decoder(grid, "pooled", decoder)
+        for name, beam in (("greedy", 1), ("beam3", 3)):
+            decode.decode(model, features[:8], 34, beam=beam)  # trace
+            wall, cpu = time.perf_counter(), time.process_time()
+            ids = decode.decode(model, features, 34, beam=beam)
+            tag = f"{decoder}_{name}_{side}x{side}"
+            result[f"decode_{tag}_ms"] = (time.perf_counter() - wall) / images * 1000
+            result[f"decode_{tag}_cpu_ms"] = (time.process_time() - cpu) / images * 1000
+            assert all(len(words) == 34 for words in ids)
     return result
 
 
@@ -236,12 +243,12 @@ def main(argv: list[str]) -> dict:
                 )
                 log(f"{tag}: {decoder} epoch {wall:.1f} s ({cpu:.1f} CPU s)")
                 result |= {f"epoch_{decoder}_s_{tag}": wall, f"epoch_{decoder}_cpu_s_{tag}": cpu}
-            result[f"ratio_{tag}"] = result[f"epoch_attention_s_{tag}"] / result[
-                f"epoch_merge_s_{tag}"
-            ]
-            result[f"ratio_cpu_{tag}"] = result[f"epoch_attention_cpu_s_{tag}"] / result[
-                f"epoch_merge_cpu_s_{tag}"
-            ]
+            result[f"ratio_{tag}"] = (
+                result[f"epoch_attention_s_{tag}"] / result[f"epoch_merge_s_{tag}"]
+            )
+            result[f"ratio_cpu_{tag}"] = (
+                result[f"epoch_attention_cpu_s_{tag}"] / result[f"epoch_merge_cpu_s_{tag}"]
+            )
             parts = breakdown(
                 model,
                 dataset("attention", features, data.train_rows, captions, args.seed),
