@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from bench_common import machine, peak_rss_mb, report
+from bench_common import machine, peak_rss_mb, report, rss_child_data, rss_epoch
 from bench_train import FLICKR30K_IMAGES, FLICKR30K_VOCAB, flickr8k_set
 
 from captioner.io import log
@@ -55,14 +54,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="one JSON line on stdout")
     parser.add_argument("--quick", action="store_true", help="a tenth of the data (smoke test)")
+    parser.add_argument("--images", type=int, help="training images (default 6000)")
     parser.add_argument("--grids", type=int, nargs="+", default=[7, 14], help="grid sides")
     parser.add_argument("--rss-images", type=int, help=f"RSS run's images ({FLICKR30K_IMAGES})")
     parser.add_argument("--decode-images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)  # internal: the RSS subprocess
     args = parser.parse_args(argv)
-    if args.rss_images is None:
-        args.rss_images = FLICKR30K_IMAGES // (10 if args.quick else 1)
+    scale = 10 if args.quick else 1
+    args.images = args.images or 6000 // scale
+    args.rss_images = args.rss_images or FLICKR30K_IMAGES // scale
     return args
 
 
@@ -197,29 +198,20 @@ def decoding(side: int, images: int, seed: int) -> dict[str, float]:
 
 def rss_child(directory: Path, seed: int) -> None:
     """The Flickr30k-sized attention epoch in its own process: prints peak RSS and seconds."""
-    features = np.load(directory / "features.npy", mmap_mode="r", allow_pickle=False)
-    lengths = np.load(directory / "lengths.npy", allow_pickle=False)
-    rng = np.random.default_rng(seed)
-    captions = [rng.integers(4, FLICKR30K_VOCAB, int(n)).tolist() for n in lengths]
-    rows = np.repeat(np.arange(features.shape[0]), 5)[: len(captions)]
+    features, rows, captions = rss_child_data(directory, seed, FLICKR30K_VOCAB)
     wall, _, _ = epoch("attention", features, rows, captions, FLICKR30K_VOCAB, seed)
     print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": wall}))
 
 
 def rss_30k(images: int, lengths: np.ndarray, seed: int) -> dict[str, float]:
     """Peak RSS (MiB) and seconds of one attention epoch on `images` x 5 captions, 7x7x512."""
-    rng = np.random.default_rng(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        grid_features(Path(tmp) / "features.npy", images, 7, seed)
-        np.save(Path(tmp) / "lengths.npy", rng.choice(lengths, size=5 * images))
-        result = subprocess.run(
-            [sys.executable, __file__, "--rss-child", tmp, "--seed", str(seed)],
-            capture_output=True,
-            text=True,
-        )
-    if result.returncode != 0:
-        raise RuntimeError(f"RSS subprocess failed:\n{result.stderr[-3000:]}")
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = rss_epoch(
+        __file__,
+        lambda path, count, seed: grid_features(path, count, 7, seed),
+        images,
+        lengths,
+        seed,
+    )
     return {"peak_rss_mb_30k": found["peak_rss_mb"], "epoch_s_30k": found["seconds"]}
 
 
@@ -230,9 +222,14 @@ def main(argv: list[str]) -> dict:
     if args.rss_child:
         rss_child(Path(args.rss_child), args.seed)
         return {}
-    data = flickr8k_set(600 if args.quick else 6000)
+    data = flickr8k_set(args.images)
     captions = [data.ours.encode(c) for c in data.train]
-    result: dict = {"machine": machine(), "captions": len(captions), "vocab": data.ours.size}
+    result: dict = {
+        "machine": machine(),
+        "images": args.images,
+        "captions": len(captions),
+        "vocab": data.ours.size,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for side in args.grids:
             tag = f"{side}x{side}"
@@ -256,7 +253,7 @@ def main(argv: list[str]) -> dict:
                 epoch_cpu=result[f"epoch_attention_cpu_s_{tag}"],
             )
             result |= {f"breakdown_{name}_cpu_s_{tag}": value for name, value in parts.items()}
-            result |= decoding(side, 100 if args.quick else args.decode_images, args.seed)
+            result |= decoding(side, args.decode_images, args.seed)
             del features
     lengths = np.array([len(c) for c in captions])
     result |= rss_30k(args.rss_images, lengths, args.seed)
