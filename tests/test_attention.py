@@ -94,6 +94,49 @@ def test_step_by_step_decoding_equals_the_whole_caption_logits(captions, small_m
     assert np.abs(np.diff(full, axis=1)).max() > 0.1  # the steps differ: not a constant model
 
 
+def test_the_training_loop_has_the_outputs_and_gradients_of_stepping_one_word_at_a_time():
+    """attention_loop.captions (rows sorted by length, ended rows skipped, the backward pass
+    written by hand) against autodiff through a plain Python loop of the decoding step over
+    every row, whose outputs past each caption's end are masked to zeros."""
+    rng = np.random.default_rng(0)
+    batch, steps, embed, units, regions_count, channels = 5, 7, 4, 8, 6, 3
+    cell = attention.AttentionLSTM(units, 5)
+    lengths = np.array([4, 7, 1, 6, 4])  # unsorted, a tie, one full-length, one of 1
+    tokens = (np.arange(steps)[None, :] < lengths[:, None]).astype(np.int32) * 5
+    embedded = tf.constant(rng.normal(size=(batch, steps, embed)), tf.float32)
+    regions = tf.constant(rng.normal(size=(batch, regions_count, channels)), tf.float32)
+    h0, c0 = (tf.constant(rng.normal(size=(batch, units)), tf.float32) for _ in range(2))
+    cell(embedded, regions, h0, c0, tokens)  # builds the weights
+    upstream = [rng.normal(size=(batch, steps, n)) for n in (units, channels, regions_count)]
+
+    def stepped(embedded, h0, c0):
+        h, c, outputs = h0, c0, []
+        projected, weights = cell.project_regions(regions), cell.step_weights()
+        for t in range(steps):
+            gates = cell.token_gates(embedded[:, t])
+            h, c, context, alpha = cell.step(gates, h, c, regions, projected, weights)
+            outputs.append([h, context, alpha])
+        real = tf.constant(tokens != 0, tf.float32)[:, :, None]
+        return [tf.stack(parts, axis=1) * real for parts in zip(*outputs, strict=True)]
+
+    results = []
+    for run in (lambda *x: cell(*x[:1], regions, *x[1:], tokens), stepped):
+        with tf.GradientTape() as tape:
+            tape.watch([embedded, h0, c0])
+            outputs = run(embedded, h0, c0)
+            loss = sum(tf.reduce_sum(o * w) for o, w in zip(outputs, upstream, strict=True))
+        sources = [embedded, h0, c0, *cell.trainable_weights]
+        results.append((outputs, tape.gradient(loss, sources)))
+    (ours, our_gradients), (expected, expected_gradients) = results
+    for a, b in zip(ours, expected, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    names = ["embedded", "h0", "c0", *(w.path for w in cell.trainable_weights)]
+    for name, a, b in zip(names, our_gradients, expected_gradients, strict=True):
+        a, b = tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy()
+        assert np.abs(b).max() > 1e-3, name  # every input and weight gets a real gradient
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), err_msg=name)
+
+
 def test_attention_weights_are_distributions_over_the_regions(captions, small_model):
     _, encoded = captions
     inputs, _ = batch(encoded, [1, 2, 3], extra_padding=2, seed=4)

@@ -9,7 +9,7 @@ Training graph (teacher forcing over whole captions; L = H * W regions of C chan
     attention_lstm, at every step t (AttentionLSTM below):
         alpha_t = softmax_i(w . tanh(W_a a_i + W_h h_{t-1}))                   (B, L)
         z_t = sigmoid(w_beta . h_{t-1}) * sum_i alpha_ti a_i      (gated context, B, C)
-        h_t, c_t = LSTM([E y_{t-1}, z_t], h_{t-1}, c_t-1)                     (B, U)
+        h_t, c_t = LSTM([E y_{t-1}, z_t], h_{t-1}, c_{t-1})                   (B, U)
     deep output: tanh(E y_{t-1} + output_hidden(dropout(h_t)) + output_context(z_t))  (B, T, E)
     -> output_dropout -> logits                                                (B, T, V)
 
@@ -20,10 +20,10 @@ cross-entropy of a caption as in the paper). "loss" and "val_loss" report the cr
 alone, comparable with the merge model's.
 
 Speed: the regions' projection W_a a_i (B, L, A) and the words' share of the LSTM gates (B, T, 4U)
-are computed once per batch, outside the loop; a step multiplies h_{t-1} once by the recurrent,
-attention and gate weights side by side (U, 4U + A + 1), then runs the attention on the
-projected regions and one (C, 4U) matmul for the context. `fit` computes the deep output and
-the vocabulary only at real targets, fused with the loss (models/shared.py).
+are computed once per batch, outside the loop; the loop runs only on the captions still going
+and has a hand-written backward pass (models/attention_loop.py, which holds the step's
+arithmetic). `fit` computes the deep output and the vocabulary only at real targets, fused with
+the loss (models/shared.py).
 
 AttentionDecoder at the bottom is this model's side of the decoder interface (models/decoder.py):
 the same step function as training, one token at a time.
@@ -40,11 +40,11 @@ from keras import layers, ops
 
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
+from captioner.models import attention_loop
 from captioner.models.shared import (
     FusedOutputModel,
     OutputDecoder,
     compile_model,
-    lstm_update,
     output_cross_entropy,
     policy,
 )
@@ -112,84 +112,50 @@ class AttentionLSTM(layers.Layer):
         """embedded words (..., E) -> their share of the LSTM gates (..., 4U), bias included."""
         return ops.matmul(embedded, self.input_kernel) + self.bias
 
-    def fused_recurrent(self):
-        """[recurrent | attention | gate] kernels side by side (U, 4U + A + 1): h_{t-1} is
-        multiplied once per step for all three."""
-        return ops.concatenate([self.recurrent_kernel, self.hidden_kernel, self.gate_kernel], 1)
+    def step_weights(self) -> attention_loop.Weights:
+        """The weights a step reads; the recurrent, attention and gate kernels side by side
+        (U, 4U + A + 1), so h_{t-1} is multiplied once per step for all three."""
+        recurrent = ops.concatenate(
+            [self.recurrent_kernel, self.hidden_kernel, self.gate_kernel], axis=1
+        )
+        return attention_loop.Weights(
+            recurrent, self.context_kernel, self.score_kernel, self.gate_bias
+        )
 
-    def step(self, gates_in, h, c, regions, projected, recurrent) -> tuple:
+    def step(self, gates_in, h, c, regions, projected, weights) -> tuple:
         """One step: the word's gate share (R, 4U), h, c (R, U), regions (B, L, C), projected
-        (B, L, A), recurrent = fused_recurrent() -> (h, c, context z (R, C), alpha (R, L)).
+        (B, L, A), weights = step_weights() -> (h, c, context z (R, C), alpha (R, L)).
 
         R = B * K rows: K hypotheses per image (beam search), rows b * K ... b * K + K - 1 of
-        image b, so an image's regions are read once for all its beams; K = 1 in training.
+        image b, so an image's regions are read once for all its beams (attention_loop.step).
         """
-        units, attention = self.units, self.attention_units
-        gates_h, toward, gate = ops.split(
-            ops.matmul(h, recurrent), [4 * units, 4 * units + attention], axis=1
-        )  # (R, 4U), U_a h (R, A), (R, 1)
-        gate = ops.sigmoid(gate + self.gate_bias)  # beta (R, 1)
-        images, regions_count = ops.shape(projected)[0], ops.shape(projected)[1]
-        toward = ops.reshape(toward, (images, -1, 1, attention))  # (B, K, 1, A)
-        energy = ops.tanh(projected[:, None] + toward)  # (B, K, L, A)
-        scores = ops.matmul(ops.reshape(energy, (-1, attention)), self.score_kernel)
-        alpha = ops.softmax(ops.reshape(scores, (images, -1, regions_count)), axis=-1)  # (B, K, L)
-        context = gate * ops.reshape(
-            ops.matmul(alpha, regions), (-1, regions.shape[-1])
-        )  # z (R, C)
-        z = gates_in + gates_h + ops.matmul(context, self.context_kernel)  # (R, 4U)
-        h, c = lstm_update(z, c)
-        return h, c, context, ops.reshape(alpha, (-1, regions_count))
+        out = attention_loop.step(gates_in, h, c, regions, projected, weights)
+        return out["h"], out["c"], out["context"], out["alpha"]
 
     # --- training: the whole caption ---------------------------------------------------------
     def call(self, embedded, regions, h0, c0, tokens):
-        """The loop over the caption positions. Past its end (tokens == <pad>) a caption's row
-        is not computed at all: the batch is sorted by length, longest first, and step t runs
-        only on the n_t captions longer than t (about half the rows of a shuffled batch of
-        Flickr8k captions); the outputs there are zeros."""
+        """The loop over the caption positions (attention_loop.captions). Past its end (tokens
+        == <pad>) a caption's row is not computed at all: the batch is sorted by length, longest
+        first, and step t runs only on the captions longer than t (about half the rows of a
+        shuffled batch of Flickr8k captions); the outputs there are zeros."""
         import tensorflow as tf
 
         lengths = tf.reduce_sum(tf.cast(tf.not_equal(tokens, PAD_ID), tf.int32), axis=1)  # (B,)
         order = tf.argsort(lengths, direction="DESCENDING", stable=True)  # (B,)
-        lengths = tf.gather(lengths, order)
-        batch, steps = tf.shape(embedded)[0], tf.shape(embedded)[1]
-        # The regions are the image's features: nothing upstream of them learns, so no gradient
-        # is computed for them (a (B, L, C) tensor per step).
-        regions = tf.gather(tf.stop_gradient(regions), order)
-        projected = self.project_regions(regions)  # (B, L, A)
-        # the words' gate shares for all steps in one matmul, read per step from a TensorArray
-        # (whose gradient is one write per step, not a (T, B, 4U) tensor per step as a slice's)
-        gates_in = tf.TensorArray(tf.float32, size=steps).unstack(
-            tf.transpose(self.token_gates(tf.gather(embedded, order)), (1, 0, 2))
-        )  # T x (B, 4U)
-        recurrent = self.fused_recurrent()
-
-        def body(t, h, c, hs, zs, alphas):
-            n = tf.reduce_sum(tf.cast(lengths > t, tf.int32))  # rows still in their caption
-            h, c, context, alpha = self.step(
-                gates_in.read(t)[:n], h[:n], c[:n], regions[:n], projected[:n], recurrent
-            )
-            padding = [[0, batch - n], [0, 0]]  # the ended rows' outputs: zeros
-            hs, zs, alphas = (
-                array.write(t, tf.pad(value, padding))
-                for array, value in ((hs, h), (zs, context), (alphas, alpha))
-            )
-            return t + 1, h, c, hs, zs, alphas
-
-        outputs = [tf.TensorArray(tf.float32, size=steps) for _ in range(3)]
-        state = tf.TensorShape([None, self.units])
-        *_, hs, zs, alphas = tf.while_loop(
-            lambda t, *_: t < steps,
-            body,
-            (tf.constant(0), tf.gather(h0, order), tf.gather(c0, order), *outputs),
-            shape_invariants=(tf.TensorShape([]), state, state, *(None,) * 3),
-            maximum_iterations=steps,
+        regions = tf.gather(regions, order)
+        # once per batch: the regions' attention projection and all words' share of the gates
+        hs, zs, alphas = attention_loop.captions(
+            tf.transpose(self.token_gates(tf.gather(embedded, order)), (1, 0, 2)),  # (T, B, 4U)
+            regions,
+            self.project_regions(regions),  # (B, L, A)
+            tf.gather(h0, order),
+            tf.gather(c0, order),
+            tf.gather(lengths, order),
+            self.step_weights(),
         )
         restore = tf.argsort(order)  # back to the batch's own order
         # (B, T, U), (B, T, C), (B, T, L)
-        return tuple(
-            tf.gather(tf.transpose(a.stack(), (1, 0, 2)), restore) for a in (hs, zs, alphas)
-        )
+        return tuple(tf.gather(tf.transpose(a, (1, 0, 2)), restore) for a in (hs, zs, alphas))
 
     def compute_output_shape(
         self, embedded_shape, regions_shape, h0_shape=None, c0_shape=None, tokens_shape=None
@@ -358,18 +324,17 @@ class AttentionDecoder(OutputDecoder):
 
         cell = self.model.get_layer("attention_lstm")
         table = cell.token_gates(self.model.get_layer("embedding").embeddings)  # (V, 4U)
-        recurrent = cell.fused_recurrent()  # (U, 4U + A + 1)
+        weights = attention_loop.Weights(*(tf.convert_to_tensor(w) for w in cell.step_weights()))
         compiled = tf.function(self._step, jit_compile=True)
-        return lambda token_ids, state: compiled(token_ids, state, table, recurrent)
+        return lambda token_ids, state: compiled(token_ids, state, table, weights)
 
-    def _step(self, token_ids, state, table=None, recurrent=None):
+    def _step(self, token_ids, state, table=None, weights=None):
         (regions, projected), (h, c) = state
         model = self.model
         cell = model.get_layer("attention_lstm")
         embedded = model.get_layer("embedding")(token_ids)  # (B, E)
         gates_in = cell.token_gates(embedded) if table is None else ops.take(table, token_ids, 0)
-        if recurrent is None:
-            recurrent = cell.fused_recurrent()
-        h, c, context, alpha = cell.step(gates_in, h, c, regions, projected, recurrent)
+        weights = cell.step_weights() if weights is None else weights
+        h, c, context, alpha = cell.step(gates_in, h, c, regions, projected, weights)
         hidden = deep_output(model, embedded, h, context)  # (B, E)
         return hidden, ((regions, projected), (h, c)), alpha
