@@ -35,6 +35,7 @@ from captioner.models.shared import (
     FusedOutputModel,
     OutputDecoder,
     compile_model,
+    lstm_update,
     output_cross_entropy,
     policy,
 )
@@ -198,11 +199,7 @@ class MergeDecoder(OutputDecoder):
             cell = model.get_layer("rnn").cell
             h, c = rnn_state
             z = ops.take(table, token_ids, axis=0) + ops.matmul(h, cell.recurrent_kernel)  # (B, 4U)
-            z_input, z_forget, z_cell, z_output = ops.split(z, 4, axis=1)
-            c = cell.recurrent_activation(z_forget) * c + cell.recurrent_activation(
-                z_input
-            ) * cell.activation(z_cell)
-            output = cell.recurrent_activation(z_output) * cell.activation(c)
+            output, c = lstm_update(z, c, cell.activation, cell.recurrent_activation)
             new_state = (output, c)
         # output (B*K, U) for K hypotheses per image (beam search), image (B, U)
         units = image.shape[-1]

@@ -1,6 +1,6 @@
 """What every decoder shares: its vocabulary output layer's training loss fused with it, the
-train/test steps that compute it only at real targets, the precision policies and the inference
-side of the layer named "logits".
+train/test steps that compute it only at real targets, the precision policies, the inference
+side of the layer named "logits", and one LSTM step from its gate pre-activations.
 
 Shapes: N real (non-padding) targets of a batch, U the width the output layer reads, V words.
 
@@ -126,6 +126,15 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
     )
+
+
+def lstm_update(z, c, activation=ops.tanh, recurrent_activation=ops.sigmoid) -> tuple:
+    """One LSTM step from its gate pre-activations z (B, 4U), in Keras' gate order (input, forget,
+    cell, output), and the previous cell state c (B, U) -> (h, c), as keras' LSTMCell computes
+    them (implementation 2, no dropout at inference)."""
+    z_input, z_forget, z_cell, z_output = ops.split(z, 4, axis=-1)
+    c = recurrent_activation(z_forget) * c + recurrent_activation(z_input) * activation(z_cell)
+    return recurrent_activation(z_output) * activation(c), c
 
 
 class OutputDecoder:
