@@ -67,10 +67,14 @@ def small_model(captions) -> keras.Model:
     return trained(vocab.size, encoded)
 
 
+def attention_of(model, inputs, training=False):
+    """alpha (B, T, L) of the whole-caption model for the given tokens (zeros past the ends)."""
+    lstm = keras.Model(model.inputs, model.get_layer("attention_lstm").output)
+    return lstm(inputs, training=training)[2]
+
+
 def teacher_forced_attention(model, inputs) -> np.ndarray:
-    """alpha (B, T, L) of the whole-caption model for the given tokens."""
-    *_, alpha = model._sequence_model(inputs, training=False)
-    return keras.ops.convert_to_numpy(alpha)
+    return keras.ops.convert_to_numpy(attention_of(model, inputs))
 
 
 def test_step_by_step_decoding_equals_the_whole_caption_logits(captions, small_model):
@@ -158,11 +162,12 @@ def test_doubly_stochastic_penalty_has_the_papers_value():
     expected = sum(
         ((1 - alpha[b, real[b]].sum(axis=0)) ** 2).sum() for b in range(2)
     )  # by the formula, caption by caption
-    value = float(attention.doubly_stochastic_penalty(alpha, real))
-    assert value == pytest.approx(expected, rel=1e-6)
+    # as training gives it: the attention at the real positions, and the caption of each
+    value = attention.doubly_stochastic_penalty(alpha[real], np.nonzero(real)[0], 2)
+    assert float(value) == pytest.approx(expected, rel=1e-6)
     # every region attended exactly once over the caption costs nothing
-    once = np.eye(4, dtype=np.float32)[None]  # T = L = 4, alpha_t = one-hot of region t
-    assert float(attention.doubly_stochastic_penalty(once, np.ones((1, 4), bool))) == 0.0
+    once = np.eye(4, dtype=np.float32)  # T = L = 4, alpha_t = one-hot of region t
+    assert float(attention.doubly_stochastic_penalty(once, np.zeros(4, np.int32), 1)) == 0.0
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.7])
@@ -180,8 +185,9 @@ def test_fused_loss_equals_keras_loss_plus_the_regulariser(captions, weight):
     weights = model.trainable_weights
     with tf.GradientTape(persistent=True) as tape:
         objective, loss, count = model._loss_terms(inputs, targets, training=True)
-        *_, alpha = model._sequence_model(inputs, training=True)
-        penalty = attention.doubly_stochastic_penalty(alpha, real)
+        # the penalty by its formula, from the padded (B, T, L) attention of the functional model
+        attended = tf.reduce_sum(attention_of(model, inputs, training=True) * real[..., None], 1)
+        penalty = tf.reduce_sum(tf.square(1.0 - attended))
         plain = model.loss(targets, model(inputs, training=True)) + weight * penalty / real.sum()
     assert int(count) == int(real.sum())
     assert float(loss) == pytest.approx(float(model.loss(targets, model(inputs))), rel=1e-5)

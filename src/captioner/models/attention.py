@@ -31,7 +31,6 @@ the same step function as training, one token at a time.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import keras
@@ -132,30 +131,38 @@ class AttentionLSTM(layers.Layer):
         out = attention_loop.step(gates_in, h, c, regions, projected, weights)
         return out["h"], out["c"], out["context"], out["alpha"]
 
-    # --- training: the whole caption ---------------------------------------------------------
-    def call(self, embedded, regions, h0, c0, tokens):
-        """The loop over the caption positions (attention_loop.captions). Past its end (tokens
-        == <pad>) a caption's row is not computed at all: the batch is sorted by length, longest
-        first, and step t runs only on the captions longer than t (about half the rows of a
-        shuffled batch of Flickr8k captions); the outputs there are zeros."""
+    # --- training: whole captions ------------------------------------------------------------
+    def packed(self, embedded, regions, h0, c0, packing: attention_loop.Packing) -> tuple:
+        """The loop over whole captions on their real positions only (attention_loop.captions):
+        embedded (N, E) packed by `packing`; regions (B, L, C), h0, c0 (B, U) in batch order.
+        -> h (N, U), context z (N, C), alpha (N, L), packed."""
         import tensorflow as tf
 
-        lengths = tf.reduce_sum(tf.cast(tf.not_equal(tokens, PAD_ID), tf.int32), axis=1)  # (B,)
-        order = tf.argsort(lengths, direction="DESCENDING", stable=True)  # (B,)
-        regions = tf.gather(regions, order)
+        regions = tf.gather(regions, packing.order)
         # once per batch: the regions' attention projection and all words' share of the gates
-        hs, zs, alphas = attention_loop.captions(
-            tf.transpose(self.token_gates(tf.gather(embedded, order)), (1, 0, 2)),  # (T, B, 4U)
+        return attention_loop.captions(
+            self.token_gates(embedded),  # (N, 4U)
             regions,
             self.project_regions(regions),  # (B, L, A)
-            tf.gather(h0, order),
-            tf.gather(c0, order),
-            tf.gather(lengths, order),
+            tf.gather(h0, packing.order),
+            tf.gather(c0, packing.order),
+            packing.sizes,
             self.step_weights(),
         )
-        restore = tf.argsort(order)  # back to the batch's own order
+
+    def call(self, embedded, regions, h0, c0, tokens):
+        """`packed` on the real positions of the padded batch (tokens != <pad>): past its end a
+        caption's positions are not computed at all and its outputs there are zeros."""
+        import tensorflow as tf
+
+        packing = attention_loop.pack(tf.reduce_sum(tf.cast(tokens != PAD_ID, tf.int32), axis=1))
+        outputs = self.packed(tf.gather_nd(embedded, packing.index), regions, h0, c0, packing)
+        padded = tf.shape(tokens)
         # (B, T, U), (B, T, C), (B, T, L)
-        return tuple(tf.gather(tf.transpose(a, (1, 0, 2)), restore) for a in (hs, zs, alphas))
+        return tuple(
+            tf.scatter_nd(packing.index, packed, tf.concat([padded, tf.shape(packed)[1:]], 0))
+            for packed in outputs
+        )
 
     def compute_output_shape(
         self, embedded_shape, regions_shape, h0_shape=None, c0_shape=None, tokens_shape=None
@@ -173,42 +180,48 @@ class AttentionModel(FusedOutputModel):
     """The functional attention model; its training objective adds the doubly stochastic
     regulariser, and fit/evaluate compute the output layers only at real targets."""
 
-    @functools.cached_property  # in __dict__, not a tracked sub-layer: it shares our layers
-    def _sequence_model(self) -> keras.Model:
-        """inputs -> (embedded (B, T, E), h (B, T, U), z (B, T, C), alpha (B, T, L))."""
-        return keras.Model(
-            self.inputs,
-            [self.get_layer("embedding").output, *self.get_layer("attention_lstm").output],
-        )
-
     def _loss_terms(self, inputs, targets, training: bool):
-        """(cross-entropy + lambda * regulariser / N, cross-entropy, N) over the N real targets."""
+        """(cross-entropy + lambda * regulariser / N, cross-entropy, N) over the N real targets:
+        everything from the words on is computed on packed real positions only."""
         import tensorflow as tf
 
-        embedded, hidden, context, alpha = self._sequence_model(inputs, training=training)
         real = ops.not_equal(targets, PAD_ID)  # (B, T)
-        deep = deep_output(
-            self,
-            tf.boolean_mask(embedded, real),
-            tf.boolean_mask(hidden, real),
-            tf.boolean_mask(context, real),
-            training,
-        )  # (N, E)
-        labels = tf.boolean_mask(targets, real)  # (N,)
+        packing = attention_loop.pack(tf.reduce_sum(tf.cast(real, tf.int32), axis=1))
+        regions, h0, c0 = image_state(self, inputs["features"])
+        embedded = self.get_layer("embedding")(tf.gather_nd(inputs["tokens"], packing.index))
+        cell = self.get_layer("attention_lstm")
+        hidden, context, alpha = cell.packed(embedded, regions, h0, c0, packing)  # (N, ...)
+        deep = deep_output(self, embedded, hidden, context, training)  # (N, E)
+        labels = tf.gather_nd(targets, packing.index)  # (N,)
         output = self.get_layer("logits")
         loss = output_cross_entropy(deep, output.kernel, output.bias, labels)
         count = tf.shape(labels)[0]
-        weight = self.get_layer("attention_lstm").doubly_stochastic
-        if not weight:
+        if not cell.doubly_stochastic:
             return loss, loss, count
-        penalty = doubly_stochastic_penalty(alpha, real)
-        return loss + weight * penalty / tf.maximum(tf.cast(count, tf.float32), 1.0), loss, count
+        penalty = doubly_stochastic_penalty(alpha, packing.index[:, 0], tf.shape(targets)[0])
+        objective = loss + cell.doubly_stochastic * penalty / tf.cast(
+            tf.maximum(count, 1), "float32"
+        )
+        return objective, loss, count
 
 
-def doubly_stochastic_penalty(alpha, real):
-    """sum over captions and regions of (1 - sum_t alpha_ti)^2, the sum over t taking each
-    caption's real positions only. alpha (B, T, L), real (B, T) bool -> scalar."""
-    attended = ops.sum(alpha * ops.cast(real, alpha.dtype)[:, :, None], axis=1)  # (B, L)
+def image_state(model: keras.Model, features) -> tuple:
+    """features (B, H, W, C) -> regions (B, L, C) (standardised with model.normalize_features),
+    and the LSTM's initial h_0, c_0 (B, U) from their mean."""
+    regions = model.get_layer("regions")(ops.convert_to_tensor(features, "float32"))
+    if any(layer.name == "feature_norm" for layer in model.layers):
+        regions = model.get_layer("feature_norm")(regions)
+    mean = model.get_layer("mean_region")(regions)
+    return regions, model.get_layer("init_h")(mean), model.get_layer("init_c")(mean)
+
+
+def doubly_stochastic_penalty(alpha, captions, batch):
+    """sum over captions and regions of (1 - sum_t alpha_ti)^2, t over each caption's real
+    positions: alpha (N, L) at the N real positions, captions (N,) the batch row of each, batch
+    B -> scalar."""
+    import tensorflow as tf
+
+    attended = tf.math.unsorted_segment_sum(alpha, captions, batch)  # (B, L)
     return ops.sum(ops.square(1.0 - attended))
 
 
@@ -302,13 +315,8 @@ class AttentionDecoder(OutputDecoder):
 
     def start(self, features) -> tuple:
         """(B, H, W, C) features -> the state before <start>, as in inference (dropout off)."""
-        model = self.model
-        regions = model.get_layer("regions")(ops.convert_to_tensor(features, "float32"))
-        if any(layer.name == "feature_norm" for layer in model.layers):
-            regions = model.get_layer("feature_norm")(regions)
-        mean = model.get_layer("mean_region")(regions)
-        h, c = model.get_layer("init_h")(mean), model.get_layer("init_c")(mean)
-        projected = model.get_layer("attention_lstm").project_regions(regions)
+        regions, h, c = image_state(self.model, features)
+        projected = self.model.get_layer("attention_lstm").project_regions(regions)
         return (regions, projected), (h, c)
 
     def step(self, token_ids, state) -> tuple:

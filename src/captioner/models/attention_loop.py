@@ -76,20 +76,46 @@ def step(gates_in, h, c, regions, projected, weights: Weights) -> dict:
 SAVED = ("h_prev", "c_prev", "act", "tanh_c", "energy", "alpha", "gate", "raw")  # per step
 
 
-def captions(gates_in, regions, projected, h0, c0, lengths, weights: Weights) -> tuple:
-    """The loop over whole captions, for training. gates_in (T, B, 4U) time-major, regions
-    (B, L, C), projected (B, L, A), h0, c0 (B, U), lengths (B,) int, the rows sorted by it,
-    longest first: step t runs only on the n_t captions longer than t.
+class Packing(NamedTuple):
+    """Where the real positions of a post-padded (B, T) batch go when packed: step by step, the
+    rows still in their caption at that step, longest caption first (PyTorch's PackedSequence).
 
-    -> hs (T, B, U), zs (T, B, C), alphas (T, B, L), time-major, zeros past each caption's end.
-    Differentiable in everything but regions and lengths.
+    order (B,): the batch's rows, longest caption first. sizes (T,): how many are still going at
+    each step. index (N, 2): (row, step) of each packed position, so tf.gather_nd(padded, index)
+    packs any (B, T, ...) tensor and tf.scatter_nd(index, packed, (B, T, ...)) unpacks it.
+    """
+
+    order: object
+    sizes: object
+    index: object
+
+
+def pack(lengths) -> Packing:
+    """The packing of a batch whose rows have these lengths (B,) (real positions first)."""
+    import tensorflow as tf
+
+    lengths = tf.cast(lengths, tf.int32)
+    order = tf.argsort(lengths, direction="DESCENDING", stable=True)
+    steps = tf.range(tf.reduce_max(tf.concat([lengths, [0]], 0)))[:, None]  # (T, 1)
+    real = steps < tf.gather(lengths, order)[None, :]  # (T, B), longest first
+    rows = tf.boolean_mask(tf.broadcast_to(order[None, :], tf.shape(real)), real)
+    at = tf.boolean_mask(tf.broadcast_to(steps, tf.shape(real)), real)
+    return Packing(order, tf.reduce_sum(tf.cast(real, tf.int32), 1), tf.stack([rows, at], 1))
+
+
+def captions(gates_in, regions, projected, h0, c0, sizes, weights: Weights) -> tuple:
+    """The loop over whole captions, for training, on packed positions (Packing): gates_in
+    (N, 4U); regions (B, L, C), projected (B, L, A), h0, c0 (B, U), their rows longest caption
+    first; sizes (T,) the rows still going at each step: step t runs on the first sizes[t] rows.
+
+    -> hs (N, U), zs (N, C), alphas (N, L), packed. Differentiable in everything but regions.
     """
     import tensorflow as tf
 
     regions = tf.stop_gradient(regions)  # image features: nothing upstream of them learns
     units, attention = h0.shape[-1], projected.shape[-1]
     regions_count, channels = regions.shape[1], regions.shape[2]
-    shapes = {
+    widths = {
         "h_prev": [units],
         "c_prev": [units],
         "act": [4 * units],
@@ -99,29 +125,30 @@ def captions(gates_in, regions, projected, h0, c0, lengths, weights: Weights) ->
         "gate": [1],
         "raw": [channels],
     }
+    steps = tf.shape(sizes)[0]
+    offsets = tf.cumsum(sizes, exclusive=True)  # where each step's rows start
 
-    def rows(steps, *shape):  # one element per step, of n_t rows
+    def blocks(*shape):  # one element per step, of sizes[t] rows
         element = tf.TensorShape([None, *shape])
         return tf.TensorArray(tf.float32, size=steps, infer_shape=False, element_shape=element)
+
+    def packed(array, *shape):  # the steps' blocks one after the other: (N, ...)
+        return tf.ensure_shape(
+            tf.cond(array.size() > 0, array.concat, lambda: tf.zeros([0, *shape])), [None, *shape]
+        )
 
     @tf.custom_gradient
     def run(gates_in, projected, h0, c0, recurrent, context, score, gate_bias):
         weights = Weights(recurrent, context, score, gate_bias)
-        steps, batch = tf.shape(gates_in)[0], tf.shape(h0)[0]
-        active = tf.reduce_sum(tf.cast(lengths[None, :] > tf.range(steps)[:, None], tf.int32), 1)
-        words = tf.TensorArray(tf.float32, size=steps).unstack(gates_in)
 
         def forward(t, h, c, outputs, saved):
-            n = active[t]
+            start, n = offsets[t], sizes[t]
             h, c = h[:n], c[:n]
-            out = step(words.read(t)[:n], h, c, regions[:n], projected[:n], weights)
+            out = step(gates_in[start : start + n], h, c, regions[:n], projected[:n], weights)
             values = {**out, "h_prev": h, "c_prev": c}
             saved = tuple(a.write(t, values[name]) for a, name in zip(saved, SAVED, strict=True))
-            padding = [[0, batch - n], [0, 0]]  # the ended rows' outputs: zeros
-            outputs = tuple(
-                a.write(t, tf.pad(out[name], padding))
-                for a, name in zip(outputs, ("h", "context", "alpha"), strict=True)
-            )
+            names = ("h", "context", "alpha")
+            outputs = tuple(a.write(t, out[name]) for a, name in zip(outputs, names, strict=True))
             return t + 1, out["h"], out["c"], outputs, saved
 
         state = tf.TensorShape([None, units])
@@ -132,44 +159,47 @@ def captions(gates_in, regions, projected, h0, c0, lengths, weights: Weights) ->
                 tf.constant(0),
                 h0,
                 c0,
-                tuple(tf.TensorArray(tf.float32, size=steps) for _ in range(3)),
-                tuple(rows(steps, *shapes[name]) for name in SAVED),
+                (blocks(units), blocks(channels), blocks(regions_count)),
+                tuple(blocks(*widths[name]) for name in SAVED),
             ),
             shape_invariants=(tf.TensorShape([]), state, state, (None,) * 3, (None,) * 8),
         )
+        hs, zs, alphas = (
+            packed(a, n) for a, n in zip(outputs, (units, channels, regions_count), strict=True)
+        )
 
         def gradient(*upstream):
-            return _backward(upstream, saved, active, regions, weights, rows, batch)
+            d_hs, d_zs, d_alphas = (
+                tf.zeros_like(like) if d is None else d
+                for d, like in zip(upstream, (hs, zs, alphas), strict=True)
+            )
+            return _backward(
+                (d_hs, d_zs, d_alphas), saved, zs, sizes, offsets, regions, weights, blocks, packed
+            )
 
-        return tuple(a.stack() for a in outputs), gradient
+        return (hs, zs, alphas), gradient
 
     # tensors, not variables: what the loop reads comes in as arguments, and so do its gradients
     return run(gates_in, projected, h0, c0, *(tf.identity(weight) for weight in weights))
 
 
-def _backward(upstream, saved, active, regions, weights: Weights, rows, batch) -> tuple:
+def _backward(upstream, saved, zs, sizes, offsets, regions, weights, blocks, packed) -> tuple:
     """The gradients of `captions` for gates_in, projected, h0, c0 and the weights, from those of
-    its outputs (hs, zs, alphas: each (T, B, ...), or None); from the last step to the first."""
+    its packed outputs; from the last step to the first."""
     import tensorflow as tf
 
-    steps = tf.shape(active)[0]
+    d_hs, d_zs, d_alphas = upstream
+    steps, batch = tf.shape(sizes)[0], tf.shape(regions)[0]
     units, attention = weights.recurrent.shape[0], weights.score.shape[0]
-    regions_count, channels = regions.shape[1], regions.shape[2]
-    d_outputs = [
-        tf.TensorArray(tf.float32, size=steps).unstack(
-            tf.zeros([steps, batch, size]) if d is None else d
-        )
-        for d, size in zip(upstream, (units, channels, regions_count), strict=True)
-    ]
+    regions_count = regions.shape[1]
     score_row = tf.reshape(weights.score, (1, 1, -1))
 
-    def back(t, dh, dc, d_score, d_words, collected):
-        n = active[t]
+    def back(t, dh, dc, d_score, collected):
+        start, n = offsets[t], sizes[t]
         h_prev, c_prev, act, tanh_c, energy, alpha, gate, raw = (a.read(t) for a in saved)
         energy = energy[:, 0]  # (n, L, A): one hypothesis per image in training
-        d_h, d_z, d_alpha = (d.read(t)[:n] for d in d_outputs)
         grow = [[0, n - tf.shape(dh)[0]], [0, 0]]  # captions ending at t: nothing from t + 1
-        dh = tf.pad(dh, grow) + d_h
+        dh = tf.pad(dh, grow) + d_hs[start : start + n]
         i, f, g, o = tf.split(act, 4, 1)
         dc = tf.pad(dc, grow) + tf.raw_ops.TanhGrad(y=tanh_c, dy=dh * o)
         d_act = tf.concat([dc * g, dc * c_prev, dc * i, dh * tanh_c], 1)
@@ -182,8 +212,9 @@ def _backward(upstream, saved, active, regions, weights: Weights, rows, batch) -
             ],
             1,
         )  # (n, 4U)
-        d_context = tf.matmul(dz, weights.context, transpose_b=True) + d_z  # (n, C)
+        d_context = tf.matmul(dz, weights.context, transpose_b=True) + d_zs[start : start + n]
         d_gate = tf.reduce_sum(d_context * raw, 1, keepdims=True)
+        d_alpha = d_alphas[start : start + n]
         d_alpha += tf.einsum("blc,bc->bl", regions[:n], d_context * gate)
         d_scores = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, 1, keepdims=True))  # (n, L)
         d_score += tf.matmul(
@@ -193,45 +224,40 @@ def _backward(upstream, saved, active, regions, weights: Weights, rows, batch) -
         d_both = tf.concat(
             [dz, tf.reduce_sum(d_pre, 1), tf.raw_ops.SigmoidGrad(y=gate, dy=d_gate)], 1
         )  # the gradient of h_prev @ recurrent, (n, 4U + A + 1)
-        d_words = d_words.write(t, tf.pad(dz, [[0, batch - n], [0, 0]]))
-        values = (d_pre, d_both, dz, h_prev, gate * raw)
+        values = (dz, d_pre, d_both, h_prev)
         collected = tuple(a.write(t, v) for a, v in zip(collected, values, strict=True))
         dh = tf.matmul(d_both, weights.recurrent, transpose_b=True)
-        return t - 1, dh, dc * f, d_score, d_words, collected
+        return t - 1, dh, dc * f, d_score, collected
 
     state = tf.TensorShape([None, units])
     none = tf.zeros([0, units])
+    both = 4 * units + attention + 1
     collected = (
-        rows(steps, regions_count, attention),
-        rows(steps, 4 * units + attention + 1),
-        rows(steps, 4 * units),
-        rows(steps, units),
-        rows(steps, channels),
+        blocks(4 * units),
+        blocks(regions_count, attention),
+        blocks(both),
+        blocks(units),
     )
-    _, dh0, dc0, d_score, d_words, collected = tf.while_loop(
+    _, dh0, dc0, d_score, collected = tf.while_loop(
         lambda t, *_: t >= 0,
         back,
-        (
-            steps - 1,
-            none,
-            none,
-            tf.zeros_like(weights.score),
-            tf.TensorArray(tf.float32, steps),
-            collected,
-        ),
-        shape_invariants=(tf.TensorShape([]), state, state, weights.score.shape, None, (None,) * 5),
+        (steps - 1, none, none, tf.zeros_like(weights.score), collected),
+        shape_invariants=(tf.TensorShape([]), state, state, weights.score.shape, (None,) * 4),
     )
-    # every step's rows, all steps one after the other: (N, ...)
-    d_pre, d_both, dz, h_prev, context = (a.concat() for a in collected)
-    row_of = tf.ragged.range(active).flat_values  # the batch row of each of the N
-    rest = [[0, batch - tf.shape(dh0)[0]], [0, 0]]  # captions of length 0
+    dz, d_pre, d_both, h_prev = (
+        packed(a, *shape)
+        for a, shape in zip(
+            collected, ([4 * units], [regions_count, attention], [both], [units]), strict=True
+        )
+    )
+    rest = [[0, batch - tf.shape(dh0)[0]], [0, 0]]  # rows of empty captions: no gradient
     return (
-        d_words.stack(),  # gates_in
-        tf.math.unsorted_segment_sum(d_pre, row_of, batch),  # projected
+        dz,  # gates_in, packed like it
+        tf.math.unsorted_segment_sum(d_pre, tf.ragged.range(sizes).flat_values, batch),
         tf.pad(dh0, rest),
         tf.pad(dc0, rest),
         tf.matmul(h_prev, d_both, transpose_a=True),  # recurrent
-        tf.matmul(context, dz, transpose_a=True),  # context
+        tf.matmul(zs, dz, transpose_a=True),  # context: zs are the contexts z_t
         d_score,
         tf.reduce_sum(d_both[:, -1:], 0),  # gate_bias
     )
