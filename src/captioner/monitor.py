@@ -26,7 +26,7 @@ import numpy as np
 from captioner import captions, metrics
 from captioner.config import Config
 from captioner.io import log, read_json, write_json
-from captioner.models import decoder_for
+from captioner.models import decoder_for, features_of
 from captioner.text import END_ID, START_ID
 from captioner.tokenizer import Vocabulary
 
@@ -57,14 +57,15 @@ def callbacks(run_dir: Path, cfg: Config, cache: Any, vocab: Vocabulary) -> list
 def dev_samples(
     cfg: Config, cache: Any, count: int
 ) -> tuple[list[str], np.ndarray, list[list[str]]]:
-    """The first `count` dev images with features: names, features (N, D), references."""
+    """The first `count` dev images with features: names, features in the shape the run's
+    decoder takes ((N, D) or (N, H, W, C)), references."""
     frame = captions.read_split(cfg, "dev")
     frame = frame[frame["image"].isin(set(cache.row))]  # images with features
     first = frame["image"].unique()[:count]
     references = captions.references(frame[frame["image"].isin(first)])
     images = list(references)
     rows = [cache.row[image] for image in images]
-    features = np.asarray(cache.features[rows], dtype=np.float32).reshape(len(rows), -1)
+    features = cache.rows(rows, features_of(cfg.model.decoder), cfg.model.decoder)
     return images, features, [references[image] for image in images]
 
 

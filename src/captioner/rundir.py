@@ -266,12 +266,17 @@ class LoadedRun:
     def caption_features(
         self, features: np.ndarray, decoding: DecodeSettings | None = None
     ) -> list[str]:
-        """Captions for precomputed features (N, D) of this run's encoder; `decoding` defaults to
-        the run's own settings (decode_settings())."""
+        """Captions for features of this run's encoder, rows as its cache or encoder gives them
+        ((N, D) or (N, H, W, C): feature_cache.for_decoder shapes them for the run's decoder);
+        `decoding` defaults to the run's own settings (decode_settings())."""
         from captioner import decode
+        from captioner.feature_cache import for_decoder
+        from captioner.models import features_of
 
         if len(features) == 0:
             return []
+        decoder = self.cfg.model.decoder
+        features = for_decoder(features, features_of(decoder), decoder)
         settings = decoding or self.decode_settings()
         ids = decode.decode(self.model, features, **settings.to_dict())
         return [self.vocab.decode(words) for words in ids]

@@ -6,6 +6,11 @@ saved runs record it. Everything outside captioner/models/ goes through these fu
 
 Shapes: B images (or hypotheses), D feature size, T caption positions, U hidden size, V words.
 
+Each decoder module declares the image features it takes, `FEATURES = "pooled"` ((B, D): one
+vector per image) or `"grid"` ((B, H, W, C): a vector per image region); features_of(name) asks
+it, and feature_cache.for_decoder gives every consumer the rows in that shape (a grid cache
+serves a pooled decoder as the mean over regions; D = C then).
+
     build(cfg, feature_meta, vocab_size, mean, variance) -> keras.Model, compiled for `fit`:
         {"features": (B, D) float32, "tokens": (B, T) int32} -> logits (B, T, V); its
         train_step/test_step (the training step) take ({"features", "tokens"}, targets (B, T))
@@ -55,6 +60,15 @@ class Decoder(Protocol):
     def output_layer(self) -> tuple: ...
 
     def logits(self, hidden) -> Any: ...
+
+
+def features_of(decoder: str) -> str:
+    """What decoder `decoder` (a model.decoder name) takes: "pooled" or "grid" (its FEATURES)."""
+    if decoder not in DECODERS:
+        raise CaptionerError(
+            f"model.decoder: unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}"
+        )
+    return DECODERS[decoder][0].FEATURES
 
 
 def build(

@@ -34,6 +34,7 @@ from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
 from captioner.text import PAD_ID
 
+FEATURES = "pooled"  # one vector per image (B, D); a grid cache arrives as its mean over regions
 RNN_LAYERS = {"lstm": layers.LSTM, "gru": layers.GRU}
 # Keras mixed precision, per layer: float32 weights, bfloat16 matmuls in the dense layers (2-3x
 # the float32 rate on CPUs with AVX512-BF16/AMX). The embedding and the RNN stay float32: on CPU
