@@ -118,6 +118,11 @@ def clean(
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
 @click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (0..N-1).")
 @click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
+@click.option(
+    "--grid",
+    is_flag=True,
+    help="Cache each image's last convolutional map (features.layout=grid), for attention.",
+)
 @fail_cleanly
 def features(
     encoder: str | None,
@@ -126,13 +131,16 @@ def features(
     precision: str | None,
     shard: str | None,
     merge: bool,
+    grid: bool,
     **common: Any,
 ) -> None:
-    """Run the image encoder once over every image; cache to features/<encoder>/.
+    """Run the image encoder once over every image; cache to features/<encoder>[-grid]/.
 
     \b
     Example:
       captioner features --dataset flickr8k --encoder vgg16 --weights imagenet
+      captioner features --dataset flickr8k --grid        # block5_conv3, 14x14x512
+      captioner features --dataset flickr8k --grid --set features.grid_size=7
       captioner features --dataset demo --weights none --batch-size 32
     """
     cfg = resolve(
@@ -143,6 +151,7 @@ def features(
             "features.batch_size": batch_size,
             "features.precision": precision,
             "features.shard": shard,
+            "features.layout": "grid" if grid else None,
         },
     )
     start_tensorflow()
@@ -171,13 +180,13 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 @main.command()
 @config_options
 @click.option("--encoder", default=None, help="Which feature cache to train on.")
-@click.option("--weights", default=None, help="Encoder weights if features must be computed.")
 @click.option(
     "--decoder",
     type=click.Choice(LIMITS["model.decoder"]),
     default=None,
-    help="merge (one vector per image) or attention (a grid of regions; model.decoder).",
+    help="The caption model (model.decoder); its features are extracted if missing.",
 )
+@click.option("--weights", default=None, help="Encoder weights if features must be computed.")
 @click.option("--epochs", type=int, default=None)
 @click.option(
     "--batch-size",
@@ -200,8 +209,8 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 @fail_cleanly
 def train(
     encoder: str | None,
-    weights: str | None,
     decoder: str | None,
+    weights: str | None,
     epochs: int | None,
     batch_size: int | None,
     name: str | None,
@@ -214,8 +223,8 @@ def train(
     \b
     Example:
       captioner train --dataset flickr8k              # downloads, cleans, extracts, trains
+      captioner train --dataset flickr8k --decoder attention     # on features/vgg16-grid/
       captioner train --dataset demo --epochs 5
-      captioner train --dataset flickr8k --decoder attention
       captioner train --dataset flickr8k --name f8k --resume
       captioner train --dataset flickr8k --name f8k --resume --epochs 30   # train further
     """
@@ -223,8 +232,8 @@ def train(
         **common,
         **{
             "features.encoder": encoder,
-            "features.weights": weights,
             "model.decoder": decoder,
+            "features.weights": weights,
             "train.epochs": epochs,
             "train.batch_size": batch_size,
             "train.name": name,
