@@ -270,17 +270,23 @@ class LoadedRun:
         """Captions for features of this run's encoder, rows as its cache or encoder gives them
         ((N, D) or (N, H, W, C): feature_cache.for_decoder shapes them for the run's decoder);
         `decoding` defaults to the run's own settings (decode_settings())."""
+        return [self.vocab.decode(words) for words in self.decode_features(features, decoding)]
+
+    def decode_features(
+        self, features: np.ndarray, decoding: DecodeSettings | None = None, attention=False
+    ) -> Any:
+        """decode.decode on such features: N lists of word ids, or with `attention` (ids, maps)
+        (maps None for a decoder without attention; decode.py says their shape)."""
         from captioner import decode
         from captioner.feature_cache import for_decoder
         from captioner.models import features_of
 
         if len(features) == 0:
-            return []
+            return ([], []) if attention else []
         decoder = self.cfg.model.decoder
         features = for_decoder(features, features_of(decoder), decoder)
         settings = decoding or self.decode_settings()
-        ids = decode.decode(self.model, features, **settings.to_dict())
-        return [self.vocab.decode(words) for words in ids]
+        return decode.decode(self.model, features, **settings.to_dict(), attention=attention)
 
     def caption_files(
         self, paths: Sequence[str | Path], decoding: DecodeSettings | None = None
