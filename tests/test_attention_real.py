@@ -1,5 +1,5 @@
-"""The attention is real: trained on synthetic scenes, the map of the word naming a shape lies on
-that shape, at the place its caption names, and the background's word looks elsewhere.
+"""The attention is real: trained on synthetic scenes, the map of the word naming a shape's colour
+lies on that shape, at the place its caption names, and the background's word looks elsewhere.
 
 The demo generator (src/captioner/demo.py) draws one saturated shape (or two) on a grey
 background, at one of five named places ("on the left" = centre at x 0.28, ...), and says so in
@@ -26,7 +26,6 @@ from captioner.feature_cache import write_cache
 from captioner.rundir import load_run
 
 CELLS = 8  # the grid: 8 x 8 cells of 8 x 8 pixels of a 64-pixel image
-KINDS = set(demo.SHAPES)
 BACKGROUND_WORDS = set(demo.BACKGROUNDS)
 SATURATED = 60  # max - min of a pixel's RGB: the shapes' colours are far above, greys far below
 
@@ -54,7 +53,6 @@ def trained(tmp_path_factory):
     from captioner.config import load_config
 
     settings = {
-        "seed": int(__import__("os").environ.get("VIZ_SEED", 0)),
         "data.data_dir": str(root / "data"),
         "train.runs_dir": str(root / "runs"),
         "demo.train_images": 500,
@@ -107,13 +105,19 @@ def centre(attention_map: np.ndarray, side: int) -> np.ndarray:
     return np.array([(light * x).sum(), (light * y).sum()]) / light.sum() / side
 
 
-@pytest.mark.slow  # trains for ~8 epochs on 500 images (~45 s on 2 busy cores)
+@pytest.mark.slow  # trains 8 epochs on 500 images: ~45 s (25 s of CPU) on 2 busy cores
 def test_a_shapes_word_looks_at_that_shape_at_the_named_place(trained):
+    """Of one-shape test images: the map of the colour word the caption gives the shape.
+
+    Measured with seeds 0, 1 and 2 (on_shape .82/.83/.81 with the shape 11-12% of the image,
+    nearest the named place 88/88/86%, background words .22/.37/.19 on the shape); the bounds
+    below leave a clear margin. The shape's kind word (circle, square, triangle) looks at it
+    less reliably (.39 to .80 over those seeds): 8 x 8 cells barely show a small shape's outline.
+    """
     run, features, references, images_dir = trained
     attended = attend_features(run, features)
     places = list(demo.POSITIONS)
     on_shape, share, background, nearest = [], [], [], []
-    colour_mass, cell_mass = [], []
     for (name, reference), caption in zip(references.items(), attended, strict=True):
         if " and " in reference or "next to" in reference:  # two shapes: not measured here
             continue
@@ -126,27 +130,17 @@ def test_a_shapes_word_looks_at_that_shape_at_the_named_place(trained):
                 where = centre(attention_map, mask.shape[0])
                 distances = [np.hypot(*(where - demo.POSITIONS[p])) for p in places]
                 nearest.append(places[int(np.argmin(distances))] == place)
-            elif word in KINDS:
-                colour_mass.append(mass_on(mask, attention_map))
-                cov = mask.reshape(CELLS, 8, CELLS, 8).mean(axis=(1, 3))
-                cell_mass.append(float((attention_map * (cov > 0.2)).sum()))
             elif word in BACKGROUND_WORDS:
                 background.append(mass_on(mask, attention_map))
     on_shape, share = np.array(on_shape), np.array(share)
+    contrast = np.median((on_shape / share) / ((1 - on_shape) / (1 - share)))
     print(
-        f"\n{len(on_shape)} shape words: {on_shape.mean():.2f} of the map on the shape, which is "
-        f"{share.mean():.2f} of the image; nearest the named place {np.mean(nearest):.0%}; "
-        f"background words: {np.mean(background):.2f} on the shape"
+        f"\n{len(on_shape)} colour words: {on_shape.mean():.2f} of the map on the shape, which is "
+        f"{share.mean():.2f} of the image ({contrast:.0f}x denser there); nearest the named "
+        f"place {np.mean(nearest):.0%}; background words: {np.mean(background):.2f} on the shape"
     )
-    print("colour", np.mean(colour_mass), "cells", np.mean(cell_mass))
     assert len(on_shape) >= 30 and len(background) >= 30
-    # most of its mass on the shape...
-    assert on_shape.mean() > 0.5
-    # ...clearly more per pixel than on the rest of the image
-    density_on = on_shape / share
-    density_off = (1 - on_shape) / (1 - share)
-    assert np.median(density_on / density_off) > 5
-    # at the place the captions name
-    assert np.mean(nearest) > 0.8
-    # and it depends on the word: the background's word looks at the background
-    assert np.mean(background) < on_shape.mean() - 0.25
+    assert on_shape.mean() > 0.5  # most of its mass on the shape...
+    assert contrast > 5  # ...clearly more per pixel than on the rest of the image...
+    assert np.mean(nearest) > 0.75  # ...at the place the captions name...
+    assert np.mean(background) < on_shape.mean() - 0.25  # ...and for this word, not for all

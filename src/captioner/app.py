@@ -324,7 +324,7 @@ def page() -> None:
         else:
             column.markdown(caption_markdown(result.caption))
         column.caption(f"{'greedy' if beam == 1 else f'beam {beam}'}, {result.seconds:.2f} s")
-        if result.maps:
+        if result.maps and result.attended.words:
             show_attention(column, image, result)
 
 
