@@ -73,15 +73,8 @@ def attend_files(
 ) -> tuple[list[tuple[str, Attended]], list[tuple[str, str]]]:
     """([(path, Attended)] for readable images, [(path, reason)] for the others), with the run's
     own encoder (load_run with its encoder)."""
-    if run.encoder is None:
-        raise CaptionerError(f"{run.run_dir}: loaded without its encoder; use load_run()")
-    if not paths:
-        return [], []
-    features, ok_paths, failures = run.encoder.encode_files(
-        [str(p) for p in paths], batch_size=run.cfg.features.batch_size
-    )
-    attended = attend_features(run, features, decoding)
-    return list(zip(ok_paths, attended, strict=True)), list(failures)
+    features, ok_paths, failures = run.encode_files(paths)
+    return list(zip(ok_paths, attend_features(run, features, decoding), strict=True)), failures
 
 
 def upsample(attention_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -103,9 +103,7 @@ def _caption_chunk(
     captions = []
     for run, settings in zip(loaded, decoding, strict=True):
         if id(run.encoder) not in encoded:
-            features, ok, failures = run.encoder.encode_files(
-                chunk, batch_size=run.cfg.features.batch_size
-            )
+            features, ok, failures = run.encode_files(chunk)
             encoded[id(run.encoder)] = (features, ok)
             for path, reason in failures:
                 failed.setdefault(path, reason)

@@ -292,15 +292,21 @@ class LoadedRun:
         self, paths: Sequence[str | Path], decoding: DecodeSettings | None = None
     ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """([(path, caption)] for readable images, [(path, reason)] for the others)."""
+        features, ok_paths, failures = self.encode_files(paths)
+        captions = self.caption_features(features, decoding)
+        return list(zip(ok_paths, captions, strict=True)), failures
+
+    def encode_files(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list, list]:
+        """(features of the readable images, from the run's encoder; their paths; [(path,
+        reason)] for the others)."""
         if self.encoder is None:
             raise CaptionerError(f"{self.run_dir}: loaded without its encoder; use load_run()")
         if not paths:
-            return [], []
+            return np.zeros((0, 0), np.float32), [], []
         features, ok_paths, failures = self.encoder.encode_files(
             [str(p) for p in paths], batch_size=self.cfg.features.batch_size
         )
-        captions = self.caption_features(features, decoding)
-        return list(zip(ok_paths, captions, strict=True)), list(failures)
+        return features, ok_paths, list(failures)
 
 
 def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
