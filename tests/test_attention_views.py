@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from captioner import app
+from captioner import app, attention_maps
 from captioner.attention_maps import ALL_WORDS
 from captioner.cli import main
 
@@ -152,7 +152,13 @@ def test_page_shows_the_map_of_the_word_picked_or_of_all(attention_run, monkeypa
     assert len(page.image) == 2  # the uploaded image, and the overlays as one list
     assert page.image[0].captions == [image.name] and page.image[1].captions == words
 
+    calls = []  # the page's captioning, from now on
+    real_attend_files = attention_maps.attend_files
+    monkeypatch.setattr(
+        attention_maps, "attend_files", lambda *a: calls.append(a) or real_attend_files(*a)
+    )
     picker.select(f"{len(words)}. {words[-1]}")
     page.run()
     assert not page.exception
     assert page.image[1].captions == [words[-1]]
+    assert not calls  # another word's map needs no new caption

@@ -250,6 +250,15 @@ def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
     return models
 
 
+@st.cache_resource(max_entries=4, show_spinner=False)
+def page_captions(
+    run_dirs: tuple[str, ...], data: bytes, name: str, beam: int, _models: Sequence
+) -> list[Result]:
+    """caption_image, kept for the last few images and settings: picking another word of the
+    caption shows its map at once, without captioning the image again."""
+    return caption_image(_models, data, name, beam)
+
+
 def show_attention(column: Any, image: Image.Image, result: Result) -> None:
     """Beside a caption: a word picker and the map of the picked word (or of every word)."""
     choice = column.selectbox(
@@ -316,7 +325,7 @@ def page() -> None:
     image_column, answers = st.columns([1, 2], gap="large")
     image_column.image(image, caption=name, width="stretch")
     with st.spinner("Captioning..."):
-        results = caption_image(models, data, name, beam)
+        results = page_captions(tuple(str(d) for d in run_dirs), data, name, beam, models)
     for column, result in zip(answers.columns(len(results)), results, strict=True):
         column.subheader(result.model)
         if result.error:
