@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,22 @@ def test_evaluate_then_caption_attention_draws_each_test_image(attention_run, tm
             for p, caption in captioned.items()
         }
         assert sizes[longest] > sizes[shortest]
+
+
+def test_caption_attention_with_two_attention_runs_gives_each_its_folder(attention_run, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(attention_run, twin)
+    image = split_images(attention_run)[0]
+    out = tmp_path / "maps"
+    result = CliRunner().invoke(
+        main,
+        ["caption", str(image), "--model", str(attention_run), "--model", str(twin)]
+        + ["--attention", str(out), "--beam", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2
+    figures = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    assert figures == sorted(Path(name, f"{image.stem}.png") for name in ("tiny-attention", "twin"))
 
 
 def test_plot_adds_a_page_of_attention_examples(attention_run, tmp_path):
