@@ -59,8 +59,11 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "demo.image_size": Range(32, 4096),
     "features.batch_size": Range(1, 65536),
     "features.precision": ("auto", "float32", "bfloat16"),
-    "features.dtype": ("float32", "float16"),
+    "features.dtype": ("auto", "float32", "float16"),
     "features.chunk_size": Range(1, COUNT),
+    "features.layout": ("auto", "pooled", "grid"),
+    "features.grid_size": Range(0, 1024),  # 0 = the encoder's own grid
+    "features.image_size": Range(0, 4096),  # 0 = the encoder's own input size; else >= 32
     "tokenizer.min_count": Range(1, COUNT),
     "tokenizer.max_length": Range(0, 1000),  # 0 = no cap
     "tokenizer.length_percentile": Range(0, 100, open_low=True),
@@ -83,6 +86,11 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "decode.no_repeat_ngram": Range(0, 100),
     "decode.max_length": Range(0, 1000),  # 0 = the vocabulary's max_length
 }
+
+
+# What each decoder takes (each models/ module's FEATURES; tests/test_grid.py checks they agree),
+# known here without importing Keras: features.layout "auto" follows model.decoder.
+DECODER_FEATURES = {"merge": "pooled"}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -109,6 +117,11 @@ def check_limits(config: Any) -> None:
             )
     if config.features.shard:
         parse_shard(config.features.shard)
+    if 0 < config.features.image_size < 32:
+        raise ConfigError(
+            "config key 'features.image_size' must be 0 (the encoder's own) or at least 32, got "
+            f"{config.features.image_size}"
+        )
     data = config.data
     if data.dev_fraction + data.test_fraction >= 1:
         raise ConfigError(

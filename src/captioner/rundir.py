@@ -332,8 +332,10 @@ def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
 
 
 def _run_encoder(meta: dict, run_dir: Path):
-    """The encoder that made the run's features: same network, weights, seed and precision."""
+    """The encoder that made the run's features: same network, weights, seed, precision, and the
+    same layout (a grid of the same size, from images of the same size)."""
     from captioner.encoders import build_encoder
+    from captioner.feature_cache import layout_of
 
     try:
         name, weights = meta["encoder"], meta["weights"]
@@ -342,4 +344,13 @@ def _run_encoder(meta: dict, run_dir: Path):
             f"{run_dir / 'features_meta.json'}: no {error} entry; "
             "retrain with the current captioner"
         ) from None
-    return build_encoder(name, weights, meta.get("precision", "auto"), seed=meta.get("seed") or 0)
+    layout, grid = layout_of(meta)
+    return build_encoder(
+        name,
+        weights,
+        meta.get("precision", "auto"),
+        seed=meta.get("seed") or 0,
+        layout=layout,
+        grid_size=grid[0] if grid else 0,  # the cache's grid: as computed, or pooled to it
+        image_size=(meta.get("input_size") or [0])[0],
+    )
