@@ -282,7 +282,7 @@ def caption(
     sys.exit(1 if failures else 0)
 
 
-for command in (cli_results.runs, cli_results.plot, cli_results.app):
+for command in (cli_results.runs, cli_results.plot, cli_results.app, cli_results.serve):
     main.add_command(command)
 
 
