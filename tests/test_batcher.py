@@ -51,6 +51,7 @@ def test_concurrent_items_form_batches_up_to_the_limit():
     assert (stats["batches"], stats["items"], stats["largest_batch"]) == (len(sizes), 13, 4)
     assert stats["mean_batch_size"] == pytest.approx(13 / len(sizes))
     assert sum(stats["batch_sizes"].values()) == len(sizes)
+    assert stats["busy_seconds"] >= 0.02 * len(sizes)  # each batch slept 20 ms in process()
 
 
 def test_max_batch_one_turns_batching_off():

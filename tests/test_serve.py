@@ -408,3 +408,23 @@ def test_a_taken_port_or_a_missing_run_is_one_line_before_any_loading(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--run", str(tmp_path / "none"), "--port", "0"])
     assert result.exit_code == 1 and "no config.json, not a finished training run" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_runs_end_to_end(tiny_run, capsys):
+    """`scripts/bench.py serve` on a short load, so the benchmark cannot rot."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_serve
+
+    folder = str(tiny_run["images"][0].parent)
+    args = ["--json", "--run", str(tiny_run["dir"]), "--images", folder, "--seconds", "1"]
+    result = bench_serve.main([*args, "--clients", "1,6", "--max-requests", "40"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    for mode in ("batching", "no_batching"):
+        for n in (1, 6):
+            assert 0 < result[f"{mode}_requests_{n}"] <= 40 and result[f"{mode}_failed_{n}"] == 0
+            assert 0 < result[f"{mode}_p50_ms_{n}"] <= result[f"{mode}_p99_ms_{n}"]
+            assert result[f"{mode}_worker_ms_{n}"] > 0
+        assert result[f"{mode}_rss_max_mb"] >= result[f"{mode}_rss_start_mb"] > 100
+    assert result["no_batching_mean_batch_6"] == 1 and result["batching_mean_batch_1"] == 1
+    assert result["speedup_6"] == result["batching_rps_6"] / result["no_batching_rps_6"]

@@ -54,6 +54,7 @@ class Batcher:
         self._worker = threading.Thread(target=self._work, name="batcher", daemon=True)
         self._lock = threading.Lock()
         self._sizes: Counter[int] = Counter()  # batch size -> batches of that size
+        self._busy = 0.0  # seconds spent in process()
         self._accepting = False
 
     def start(self) -> None:
@@ -80,9 +81,10 @@ class Batcher:
         return [result for result, _ in answers], max(size for _, size in answers)
 
     def stats(self) -> dict[str, Any]:
-        """Batches formed so far: counts, mean and largest size, and how many of each size."""
+        """Batches formed so far: counts, mean and largest size, how many of each size, and the
+        seconds spent processing them."""
         with self._lock:
-            sizes = dict(sorted(self._sizes.items()))
+            sizes, busy = dict(sorted(self._sizes.items())), self._busy
         batches, items = sum(sizes.values()), sum(size * n for size, n in sizes.items())
         return {
             "max_batch": self.max_batch,
@@ -92,6 +94,7 @@ class Batcher:
             "mean_batch_size": items / batches if batches else 0.0,
             "largest_batch": max(sizes, default=0),
             "batch_sizes": {str(size): n for size, n in sizes.items()},
+            "busy_seconds": busy,  # in process(): the worker's share of the time
         }
 
     # --- the worker thread ---------------------------------------------------------------------
@@ -120,8 +123,7 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list[_Job]) -> None:
-        with self._lock:
-            self._sizes[len(batch)] += 1
+        start = time.perf_counter()
         try:
             results = list(self.process([job.item for job in batch]))
             if len(results) != len(batch):
@@ -129,6 +131,9 @@ class Batcher:
             outcomes = [(result, None) for result in results]
         except Exception as error:  # every waiting request gets the error, the worker lives on
             outcomes = [(None, error)] * len(batch)
+        with self._lock:
+            self._sizes[len(batch)] += 1
+            self._busy += time.perf_counter() - start
         for job, (result, error) in zip(batch, outcomes, strict=True):
             job.loop.call_soon_threadsafe(_settle, job.future, result, error, len(batch))
 

@@ -10,7 +10,13 @@ from typing import Any
 
 import click
 
-from captioner.cli_options import config_options, fail_cleanly, resolve, start_tensorflow
+from captioner.cli_options import (
+    config_options,
+    fail_cleanly,
+    resolve,
+    run_option,
+    start_tensorflow,
+)
 from captioner.runs import SORT_COLUMNS
 
 
@@ -118,13 +124,7 @@ def app(runs: tuple[str, ...], examples: str | None, host: str, port: int) -> No
 
 
 @click.command()
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A run directory made by `captioner train`.",
-)
+@run_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8501, show_default=True, help="0 = any free."
