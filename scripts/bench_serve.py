@@ -3,7 +3,8 @@
     python scripts/bench.py serve [--json] [--run RUN] [--seconds 30] [--clients 8,64]
 
 Two servers in turn, both `captioner serve` subprocesses on 127.0.0.1 only: batching on (the
-defaults: --max-batch 64, --max-wait-ms 5) and off (--max-batch 1). Against each, N client
+defaults: --max-batch 64, --max-wait-ms 5) and off (--max-batch 1), each started (and its batch
+sizes compiled) before the clock starts. Against each, N client
 threads (one keep-alive connection each) send one image per predict request, back to back, for
 --seconds per N or until --max-requests in all, whichever comes first. Reported per server and
 N: requests/s, p50 and p99 latency, failed requests (any answer but 200, or no answer), and the
@@ -36,7 +37,6 @@ from bench_common import machine, report
 TRAIN = ["--dataset", "demo", "--name", "bench", "--set", "features.encoder=mobilenetv3small"]
 TRAIN += ["--set=demo.train_images=300", "--set=demo.dev_images=30", "--set=demo.test_images=30"]
 TRAIN += ["--set=train.epochs=8", "--set=train.learning_rate=0.003"]
-MODES = {"batching": [], "no_batching": ["--max-batch", "1"]}
 
 
 def main(argv: list[str]) -> dict:
@@ -47,6 +47,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--seconds", type=float, default=30.0, help="of load per client count")
     parser.add_argument("--clients", default="8,64", help="concurrent clients, comma-separated")
     parser.add_argument("--max-requests", type=int, default=100_000, help="per client count")
+    parser.add_argument("--max-batch", default="64", help="of the batching server")
     args = parser.parse_args(argv)
     clients = [int(n) for n in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +60,8 @@ def main(argv: list[str]) -> dict:
             for p in sorted(folder.glob("*.jpg"))[:64]
         ]
         result: dict = {"run": str(run_dir), "images": len(bodies), "seconds": args.seconds}
-        for mode, options in MODES.items():
+        modes = {"batching": ["--max-batch", args.max_batch], "no_batching": ["--max-batch", "1"]}
+        for mode, options in modes.items():
             for key, value in load_server(run_dir, options, bodies, clients, args).items():
                 result[f"{mode}_{key}"] = value
     for n in clients:

@@ -98,9 +98,10 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def server(tiny_run, tmp_path_factory):
-    """The run served with a short batching wait and a 1 MiB request limit."""
+    """The run served with a short batching wait, batches of up to 16 (fewer to compile at
+    start) and a 1 MiB request limit."""
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    options = ("--max-wait-ms", "50", "--max-request-mb", str(LIMIT_MB))
+    options = ("--max-wait-ms", "50", "--max-request-mb", str(LIMIT_MB), "--max-batch", "16")
     process, url = start_server(tiny_run["dir"], log, *options)
     yield url
     stop(process)
@@ -345,7 +346,7 @@ def test_concurrent_requests_are_captioned_in_batches_with_the_same_captions(ser
     after = call(f"{server}/stats")[1]
     assert after["items"] - before["items"] == clients
     assert after["batches"] - before["batches"] < clients and after["largest_batch"] > 1
-    assert after["max_batch"] == 64 and after["decoding"]["beam"] == 3
+    assert after["max_batch"] == 16 and after["decoding"]["beam"] == 3
 
 
 @pytest.mark.slow
@@ -361,7 +362,9 @@ def test_dropped_in_features_run_and_sigterm_with_a_request_in_flight(tiny_run, 
         {"encoder": "handmade", "dim": meta["dim"], "count": meta["count"]},
     )
     log = tmp_path / "serve.log"
-    process, url = start_server(run_dir, log, "--max-wait-ms", "1500", "--name", "mine")
+    process, url = start_server(
+        run_dir, log, "--max-wait-ms", "1500", "--max-batch", "4", "--name", "mine"
+    )
     try:
         predict = f"{url}/v1/models/mine:predict"
         image = tiny_run["images"][0]
@@ -418,7 +421,9 @@ def test_the_load_benchmark_runs_end_to_end(tiny_run, capsys):
 
     folder = str(tiny_run["images"][0].parent)
     args = ["--json", "--run", str(tiny_run["dir"]), "--images", folder, "--seconds", "1"]
-    result = bench_serve.main([*args, "--clients", "1,6", "--max-requests", "40"])
+    result = bench_serve.main(
+        [*args, "--clients", "1,6", "--max-requests", "40", "--max-batch", "4"]
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     for mode in ("batching", "no_batching"):
         for n in (1, 6):

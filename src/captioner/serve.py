@@ -28,7 +28,7 @@ from typing import Any
 from captioner.batcher import Batcher, ShuttingDown
 from captioner.errors import CaptionerError
 from captioner.io import log
-from captioner.serving import VERSION, ServedModel, predict_response
+from captioner.serving import MAX_INSTANCES, VERSION, ServedModel, predict_response
 
 try:  # the optional extra: one readable line instead of an ImportError traceback
     import uvicorn
@@ -60,7 +60,7 @@ def serve(
     once it takes requests, and serve until SIGTERM or Ctrl-C."""
     with _listen(host, port) as listener:  # first: a taken port fails at once
         model = ServedModel.load(run_dir, beam, name)
-        model.warm_up()
+        model.warm_up(max_batch)
         batcher = Batcher(model.caption, max_batch, max_wait_ms / 1000)
         app = create_app(model, batcher, int(max_request_mb * (1 << 20)))
         address = f"[{host}]" if ":" in host else host
@@ -178,8 +178,6 @@ def create_app(model: ServedModel, batcher: Batcher, max_request_bytes: int) -> 
 
 async def _uploads(request: Request) -> list[tuple[str, bytes]]:
     """(file name, bytes) of every file of a multipart/form-data body, in order."""
-    from captioner.serving import MAX_INSTANCES
-
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise CaptionerError("send the images as multipart/form-data: curl -F image=@photo.jpg")
     async with request.form(max_files=MAX_INSTANCES, max_fields=MAX_INSTANCES) as form:

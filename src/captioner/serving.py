@@ -131,34 +131,51 @@ class ServedModel:
     # --- batches: on the one thread that runs TensorFlow --------------------------------------
 
     def caption(self, instances: Sequence[Instance]) -> list[tuple[str, float]]:
-        """(caption, log-probability) per instance; images are encoded in batches of the run's
-        features.batch_size, as `captioner caption` encodes them."""
+        """(caption, log-probability) per instance.
+
+        Every new batch size costs the decoding loop an XLA compile (seconds) and the encoder
+        new oneDNN kernels, so batches are padded (with copies of their own rows, which end when
+        they do) to a power of two, compiled once by warm_up: the encoder's in chunks of at most
+        the run's features.batch_size, as `captioner caption` encodes them."""
         from captioner import decode, likelihood
 
         features = np.zeros((len(instances), *self.feature_shape), np.float32)  # (N, D)
         images = [row for row, instance in enumerate(instances) if instance.kind == "image"]
         if images:
             pixels = np.stack([instances[row].array for row in images])  # (n, size, size, 3)
-            batch_size = self.run.cfg.features.batch_size
-            features[images] = self.run.encoder.encode_images(pixels, batch_size)
+            features[images] = self._encode(pixels)
         for row, instance in enumerate(instances):
             if instance.kind == "features":
                 features[row] = instance.array
         model, settings = self.run.model, self.decoding
-        ids = decode.decode(model, features, **settings.to_dict())
+        ids = decode.decode(model, padded(features, bucket(len(features))), **settings.to_dict())
+        ids = ids[: len(features)]
         log_probs = likelihood.log_probabilities(model, features, ids, settings.max_length)
         return [
             (self.run.vocab.decode(words), float(log_prob))
             for words, log_prob in zip(ids, log_probs, strict=True)
         ]
 
-    def warm_up(self) -> None:
-        """Trace the encoder, the decoding loop and the scorer now, not on the first request."""
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) uint8 -> (n, D) features, in padded chunks of batch_size."""
+        batch_size = self.run.cfg.features.batch_size
+        parts = []
+        for start in range(0, len(pixels), batch_size):
+            chunk = pixels[start : start + batch_size]
+            size = min(bucket(len(chunk)), batch_size)
+            parts.append(self.run.encoder.encode_images(padded(chunk, size), size)[: len(chunk)])
+        return np.concatenate(parts)
+
+    def warm_up(self, max_batch: int = 1) -> None:
+        """Trace and compile the encoder, the decoding loop and the scorer now, for every
+        batch size `caption` uses up to max_batch, not on the requests that first need them."""
         if self.run.encoder is not None:
             size = self.run.encoder.size
-            self.caption([Instance("image", np.zeros((size, size, 3), np.uint8))])
+            blank = Instance("image", np.zeros((size, size, 3), np.uint8))
         else:
-            self.caption([Instance("features", np.zeros(self.feature_shape, np.float32))])
+            blank = Instance("features", np.zeros(self.feature_shape, np.float32))
+        for size in sorted({bucket(n) for n in range(1, max_batch + 1)}):
+            self.caption([blank] * size)
 
     # --- TensorFlow Serving's JSON ------------------------------------------------------------
 
@@ -233,6 +250,16 @@ def predict_response(results: Sequence[tuple[str, float]], columnar: bool) -> di
     if columnar:
         return {"outputs": {name: [r[i] for r in results] for i, name in enumerate(OUTPUTS)}}
     return {"predictions": [dict(zip(OUTPUTS, result, strict=True)) for result in results]}
+
+
+def bucket(size: int) -> int:
+    """The batch size a batch of `size` rows is padded to: the next power of two."""
+    return 1 << (size - 1).bit_length()
+
+
+def padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows` (n, ...) followed by copies of its own rows, cycled, up to `size` rows."""
+    return rows[np.arange(size) % len(rows)] if size > len(rows) else rows
 
 
 def _b64decode(text: Any, where: str) -> bytes:
