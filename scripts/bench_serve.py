@@ -4,13 +4,15 @@
 
 Two servers in turn, both `captioner serve` subprocesses on 127.0.0.1 only: batching on (the
 defaults: --max-batch 64, --max-wait-ms 5) and off (--max-batch 1), each started (and its batch
-sizes compiled) before the clock starts. Against each, N client
-threads (one keep-alive connection each) send one image per predict request, back to back, for
---seconds per N or until --max-requests in all, whichever comes first. Reported per server and
+sizes compiled) before the clock starts. Against each, N client threads (one keep-alive
+connection each) send one image per predict request, back to back, for --seconds per N or until
+--max-requests in all, whichever comes first. Reported per server and
 N: requests/s, p50 and p99 latency, failed requests (any answer but 200, or no answer), and the
 mean batch size formed (from the server's /stats, before and after); the server's resident
-memory (VmRSS) sampled every 0.5 s, at the start of the load and at its end. The clients share
-the machine with the server; so do other users of a shared machine (load average recorded).
+memory (VmRSS) sampled every 0.5 s: before the load, half-way through each load and at its
+end. The clients share the machine with the server; so do other users of a shared machine (the
+load average is recorded). The worker's milliseconds per image (/stats' busy seconds) show
+what batching saves inside TensorFlow: encoder, decoder and scoring.
 
 Without --run, a run is trained first on the synthetic dataset with the small MobileNetV3 encoder
 (random weights, as offline), whose captions follow the image; the images sent are its dataset's.
@@ -101,7 +103,10 @@ def load_server(run_dir: Path, options: list[str], bodies: list[str], clients, a
         result: dict = {"rss_start_mb": memory.now()}
         for n in clients:
             before = get_json(host, port, "/stats")
+            first = len(memory.samples)
             numbers = put_load(host, port, name, bodies, n, args.seconds, args.max_requests)
+            during = memory.samples[first:] or [memory.now()]
+            numbers["rss_mid_mb"] = during[len(during) // 2]  # flat: the same as at the end
             after = get_json(host, port, "/stats")
             batches = after["batches"] - before["batches"]
             items = after["items"] - before["items"]

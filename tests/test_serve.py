@@ -430,6 +430,7 @@ def test_the_load_benchmark_runs_end_to_end(tiny_run, capsys):
             assert 0 < result[f"{mode}_requests_{n}"] <= 40 and result[f"{mode}_failed_{n}"] == 0
             assert 0 < result[f"{mode}_p50_ms_{n}"] <= result[f"{mode}_p99_ms_{n}"]
             assert result[f"{mode}_worker_ms_{n}"] > 0
+            assert result[f"{mode}_rss_mid_mb_{n}"] > 100
         assert result[f"{mode}_rss_max_mb"] >= result[f"{mode}_rss_start_mb"] > 100
     assert result["no_batching_mean_batch_6"] == 1 and result["batching_mean_batch_1"] == 1
     assert result["speedup_6"] == result["batching_rps_6"] / result["no_batching_rps_6"]
