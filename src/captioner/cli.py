@@ -20,6 +20,7 @@ from captioner.cli_options import (
     config_options,
     fail_cleanly,
     resolve,
+    run_option,
     start_tensorflow,
 )
 from captioner.limits import LIMITS
@@ -247,13 +248,7 @@ def train(
 
 
 @main.command()
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A run directory made by `captioner train`.",
-)
+@run_option
 @click.option("--split", default="test", show_default=True, help="train, dev or test.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--data-dir", default=None, help="Where the run's dataset lives, if moved.")
@@ -301,7 +296,7 @@ def caption(
     sys.exit(1 if failures else 0)
 
 
-for command in (cli_results.runs, cli_results.plot, cli_results.app):
+for command in (cli_results.runs, cli_results.plot, cli_results.app, cli_results.serve):
     main.add_command(command)
 
 
