@@ -187,7 +187,7 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
     """
     import tensorflow as tf
 
-    from captioner.models.merge import output_cross_entropy
+    from captioner.models.shared import output_cross_entropy
 
     output, rnn = model.get_layer("logits"), model.get_layer("rnn")
     embed = model.get_layer("embedding").output_dim

@@ -99,8 +99,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # Which caption model (captioner/models/): "merge" is the notebook's. Runs saved before this
-    # key existed are merge runs, and read as such.
+    # Which caption model (captioner/models/): "merge" is the notebook's, on one pooled vector
+    # per image; "attention" is Show-Attend-Tell's soft attention over a grid of image regions
+    # (docs/ATTENTION.md). Runs saved before this key existed are merge runs, and read as such.
     decoder: str = "merge"
     embed_dim: int = 256
     units: int = 256
@@ -109,6 +110,11 @@ class ModelConfig:
     # Standardise image features with training-set mean/std inside the model (useful for
     # features with large or uneven scale, e.g. random-weight encoders).
     normalize_features: bool = False
+    # The attention decoder only: the width of its attention layer, and the weight lambda of its
+    # doubly stochastic regularisation, which asks every region to be attended to about once
+    # over a caption (0 = off; docs/ATTENTION.md).
+    attention_units: int = 256
+    doubly_stochastic: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,10 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "model.embed_dim": Range(1, 65536),
     "model.units": Range(1, 65536),
     "model.dropout": Range(0, 1, open_high=True),
-    "model.decoder": ("merge",),  # models.DECODERS (tests/test_model.py checks they agree)
+    "model.decoder": ("merge", "attention"),  # models.DECODERS (tests/test_model.py checks)
     "model.cell": ("lstm", "gru"),
+    "model.attention_units": Range(1, 65536),
+    "model.doubly_stochastic": Range(0, 1000),  # 0 = off
     "train.epochs": Range(1, 100_000),
     "train.batch_size": Range(1, 1 << 20),
     "train.learning_rate": Range(0, 10, open_low=True),
@@ -90,7 +92,7 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
 
 # What each decoder takes (each models/ module's FEATURES; tests/test_grid.py checks they agree),
 # known here without importing Keras: features.layout "auto" follows model.decoder.
-DECODER_FEATURES = {"merge": "pooled"}
+DECODER_FEATURES = {"merge": "pooled", "attention": "grid"}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -117,6 +119,11 @@ def check_limits(config: Any) -> None:
             )
     if config.features.shard:
         parse_shard(config.features.shard)
+    if config.model.decoder == "attention" and config.model.cell != "lstm":
+        raise ConfigError(
+            f"config key 'model.cell' must be lstm for the attention decoder, got "
+            f"{config.model.cell!r}"
+        )
     if 0 < config.features.image_size < 32:
         raise ConfigError(
             "config key 'features.image_size' must be 0 (the encoder's own) or at least 32, got "

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from captioner import run_data
-from captioner.config import Config, ModelConfig, from_dict
+from captioner.config import Config, from_dict
 from captioner.errors import CaptionerError
 from captioner.io import (
     atomic_write_bytes,
@@ -168,8 +168,9 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 def _check_resumable(run_dir: Path, cfg: Config, paths: dict[str, Path]) -> None:
     """The same settings and the same vocabulary and features as when the run started."""
-    saved, now = _flatten(read_json(run_dir / "config.json")), _flatten(cfg.to_dict())
-    saved.setdefault("model.decoder", ModelConfig.decoder)  # runs made before the key existed
+    # keys added since the run started (model.decoder, model.attention_units, ...) read as
+    # their defaults, as from_dict reads them
+    saved, now = _flatten(read_config(run_dir).to_dict()), _flatten(cfg.to_dict())
     for key in sorted(now):
         if key.startswith(RESUME_KEYS) and saved.get(key) != now[key]:
             raise CaptionerError(
