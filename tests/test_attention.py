@@ -96,11 +96,12 @@ def test_step_by_step_decoding_equals_the_whole_caption_logits(captions, small_m
 
 def test_attention_weights_are_distributions_over_the_regions(captions, small_model):
     _, encoded = captions
-    inputs, _ = batch(encoded, [1, 2, 3], seed=4)
+    inputs, _ = batch(encoded, [1, 2, 3], extra_padding=2, seed=4)
     alpha = teacher_forced_attention(small_model, inputs)  # (B, T, L)
     assert alpha.shape == (3, inputs["tokens"].shape[1], REGIONS)
     assert alpha.min() >= 0
-    np.testing.assert_allclose(alpha.sum(axis=-1), 1.0, atol=1e-5)
+    real = inputs["tokens"] != 0  # past its end a caption's rows are not computed: zeros
+    np.testing.assert_allclose(alpha.sum(axis=-1), real.astype(np.float32), atol=1e-5)
     # where it looks depends on the image and on the word: not uniform, not constant
     assert alpha.max() > 2.0 / REGIONS
     assert np.abs(np.diff(alpha, axis=1)).max() > 1e-3
@@ -256,3 +257,61 @@ def test_bad_settings_are_one_line_errors():
     model = models.build(cfg, {"dim": 6, "grid": [2, 3], "layout": "grid", "count": 1}, 20)
     assert isinstance(model, attention.AttentionModel) and model.optimizer is not None
     assert models.decoder_for(model).regions == 6
+
+
+@pytest.mark.slow  # extracts, trains, evaluates and captions a tiny demo run (~1 min)
+def test_a_tiny_attention_run_trains_evaluates_and_captions_from_the_cli(tmp_path):
+    """`captioner train --decoder attention` extracts the grid it needs, trains, and the run is
+    evaluated and captions new images without being told which decoder it is: the captions of
+    the test images from `captioner caption` equal those `captioner evaluate` made from the
+    cache."""
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from captioner.cli import main
+    from captioner.io import read_json
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    settings = {
+        "demo.train_images": 40,
+        "demo.dev_images": 10,
+        "demo.test_images": 5,
+        "demo.image_size": 64,
+        "features.image_size": 64,  # VGG16's block5_conv3 is then a 4x4 grid
+        "features.dtype": "float32",  # the cache's rows equal the encoder's: the same captions
+        "model.units": 16,
+        "model.embed_dim": 8,
+        "model.attention_units": 8,
+        "tokenizer.min_count": 2,
+        "train.runs_dir": runs,
+    }
+    result = CliRunner().invoke(
+        main,
+        ["train", "--dataset", "demo", "--data-dir", str(data), "--decoder", "attention"]
+        + ["--epochs", "2", "--name", "a"]
+        + [f"--set={key}={value}" for key, value in settings.items()],
+    )
+    assert result.exit_code == 0, result.output
+    assert "features 4x4 grid of 512-d" in result.stderr
+    config = read_json(runs / "a" / "config.json")
+    assert config["model"]["decoder"] == "attention"
+    assert read_json(runs / "a" / "features_meta.json")["grid"] == [4, 4]
+    history = (runs / "a" / "history.csv").read_text().splitlines()
+    assert len(history) == 3 and "attention" in (runs / "a" / "README.md").read_text()
+
+    scored = CliRunner().invoke(main, ["evaluate", "--run", str(runs / "a"), "--beam", "2"])
+    assert scored.exit_code == 0, scored.output
+    assert "BLEU-4" in scored.stdout
+    predictions = pd.read_csv(next((runs / "a").glob("predictions-test-*.csv")), dtype=str)
+    images = data / "demo" / "raw" / "Flicker8k_Dataset"
+    captioned = CliRunner().invoke(
+        main,
+        ["caption", *(str(images / name) for name in predictions["image"])]
+        + ["--model", str(runs / "a"), "--beam", "2", "--json"],
+    )
+    assert captioned.exit_code == 0, captioned.output
+    lines = [json.loads(line) for line in captioned.stdout.splitlines()]
+    assert [line["caption"] for line in lines] == list(predictions["caption"].fillna(""))
+    assert any(line["caption"] for line in lines)

@@ -276,10 +276,11 @@ def captioner_cli(*args: str, env: dict | None = None, code: str = "") -> subpro
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_like):
+@pytest.mark.parametrize("decoder", ["merge", "attention"])
+def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_like, decoder):
     cfg = mini_config(tmp_path, **{"features.encoder": "handmade"})
-    write_dataset(cfg, flickr8k_like, SIZES, dim=7)
-    args = run_args(cfg, "k", epochs=4)
+    write_dataset(cfg, flickr8k_like, SIZES, dim=7, grid=(2, 3) if decoder == "attention" else None)
+    args = [*run_args(cfg, "k", epochs=4), "--decoder", decoder]
     run_dir = Path(cfg.train.runs_dir) / "k"
     process = captioner_cli(*args)
     deadline = time.monotonic() + 120

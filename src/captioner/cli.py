@@ -20,6 +20,7 @@ from captioner.cli_options import (
     config_options,
     fail_cleanly,
     resolve,
+    run_option,
     start_tensorflow,
 )
 from captioner.limits import LIMITS
@@ -218,7 +219,7 @@ def train(
     resume: bool,
     **common: Any,
 ) -> None:
-    """Train a caption model (model.decoder), running any missing earlier stage first.
+    """Train a caption model, running any missing earlier stage first.
 
     \b
     Example:
@@ -247,13 +248,7 @@ def train(
 
 
 @main.command()
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A run directory made by `captioner train`.",
-)
+@run_option
 @click.option("--split", default="test", show_default=True, help="train, dev or test.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--data-dir", default=None, help="Where the run's dataset lives, if moved.")
@@ -317,7 +312,7 @@ def caption(
     sys.exit(1 if failures else 0)
 
 
-for command in (cli_results.runs, cli_results.plot, cli_results.app):
+for command in (cli_results.runs, cli_results.plot, cli_results.app, cli_results.serve):
     main.add_command(command)
 
 
