@@ -59,7 +59,7 @@ def runs(runs_dir: str, as_json: bool, sort: str) -> None:
     "run_dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="Also plot this run's loss curves and generated captions.",
+    help="Also plot this run's loss curves, generated captions and (attention) maps.",
 )
 @click.option(
     "--out",
