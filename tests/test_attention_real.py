@@ -109,10 +109,11 @@ def centre(attention_map: np.ndarray, side: int) -> np.ndarray:
 def test_a_shapes_word_looks_at_that_shape_at_the_named_place(trained):
     """Of one-shape test images: the map of the colour word the caption gives the shape.
 
-    Measured with seeds 0, 1 and 2 (on_shape .82/.83/.81 with the shape 11-12% of the image,
-    nearest the named place 88/88/86%, background words .22/.37/.19 on the shape); the bounds
-    below leave a clear margin. The shape's kind word (circle, square, triangle) looks at it
-    less reliably (.39 to .80 over those seeds): 8 x 8 cells barely show a small shape's outline.
+    Measured with seeds 0, 1 and 2: on the shape .82/.84/.81 of the map, the shape being 11-12%
+    of the image (105x/96x/90x denser there than elsewhere, median per caption), nearest the
+    named place 84/91/88%, background words .32/.04/.18 on the shape; the bounds below leave a
+    clear margin. The shape's kind word (circle, square, triangle) looked at it less reliably
+    (.39 to .80 over those seeds, earlier code): 8 x 8 cells barely show a small shape's outline.
     """
     run, features, references, images_dir = trained
     attended = attend_features(run, features)
