@@ -225,7 +225,7 @@ class AttentionModel(FusedOutputModel):
         )  # (N, E)
         labels = tf.boolean_mask(targets, real)  # (N,)
         output = self.get_layer("logits")
-        loss = output_cross_entropy(deep, output.kernel, output.bias, labels)
+        loss = output_cross_entropy(deep, output.kernel, output.bias, labels, self.label_smoothing)
         count = tf.shape(labels)[0]
         weight = self.get_layer("attention_lstm").doubly_stochastic
         if not weight:

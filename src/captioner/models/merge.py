@@ -83,7 +83,9 @@ class MergeModel(FusedOutputModel):
         hidden = tf.boolean_mask(hidden, real)  # (N, U)
         labels = tf.boolean_mask(targets, real)  # (N,)
         output = self.get_layer("logits")
-        loss = output_cross_entropy(hidden, output.kernel, output.bias, labels)
+        loss = output_cross_entropy(
+            hidden, output.kernel, output.bias, labels, self.label_smoothing
+        )
         return loss, loss, tf.shape(labels)[0]
 
 
