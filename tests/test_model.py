@@ -154,7 +154,8 @@ def test_fused_output_loss_with_label_smoothing_equals_keras(smoothing):
         plain = keras_loss(tf.one_hot(labels, 11), hidden @ kernel + bias)
     assert float(fused) == pytest.approx(float(plain), rel=1e-5)
     assert float(fused) > 1.0  # random logits: a real loss
-    for a, b in zip(*(tape.gradient(loss, [hidden, kernel, bias]) for loss in (fused, plain))):
+    gradients = [tape.gradient(loss, [hidden, kernel, bias]) for loss in (fused, plain)]
+    for a, b in zip(*gradients, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
