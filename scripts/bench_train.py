@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from bench_common import machine, matmul_peak_gflops, peak_rss_mb, report
+from bench_common import (
+    machine,
+    matmul_peak_gflops,
+    peak_rss_mb,
+    report,
+    rss_child_data,
+    rss_epoch,
+)
 
 from captioner.io import log
 
@@ -232,11 +238,7 @@ def rss_child(directory: Path, seed: int) -> None:
     """The Flickr30k-sized epoch in its own process: prints {"peak_rss_mb", "seconds"}."""
     from captioner.config import TrainConfig
 
-    features = np.load(directory / "features.npy", mmap_mode="r", allow_pickle=False)
-    lengths = np.load(directory / "lengths.npy", allow_pickle=False)
-    rng = np.random.default_rng(seed)
-    captions = [rng.integers(4, FLICKR30K_VOCAB, int(n)).tolist() for n in lengths]
-    rows = np.repeat(np.arange(features.shape[0]), 5)[: len(captions)]
+    features, rows, captions = rss_child_data(directory, seed, FLICKR30K_VOCAB)
     train = TrainConfig()
     seconds, _, _ = train_epoch(
         features, rows, captions, FLICKR30K_VOCAB, train.batch_size, train.precision, seed
@@ -246,18 +248,7 @@ def rss_child(directory: Path, seed: int) -> None:
 
 def rss_30k(images: int, lengths: np.ndarray, seed: int) -> dict[str, float]:
     """Peak RSS (MiB) and seconds of one default epoch on `images` x 5 captions, memmapped."""
-    rng = np.random.default_rng(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        random_features(Path(tmp) / "features.npy", images, seed)
-        np.save(Path(tmp) / "lengths.npy", rng.choice(lengths, size=5 * images))
-        result = subprocess.run(
-            [sys.executable, __file__, "--rss-child", tmp, "--seed", str(seed)],
-            capture_output=True,
-            text=True,
-        )
-    if result.returncode != 0:
-        raise RuntimeError(f"RSS subprocess failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return rss_epoch(__file__, random_features, images, lengths, seed)
 
 
 def flickr8k_set(images: int) -> SimpleNamespace:

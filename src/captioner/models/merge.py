@@ -203,5 +203,9 @@ class MergeDecoder(OutputDecoder):
             z = ops.take(table, token_ids, axis=0) + ops.matmul(h, cell.recurrent_kernel)  # (B, 4U)
             output, c = lstm_update(z, c, cell.activation, cell.recurrent_activation)
             new_state = (output, c)
-        hidden = model.get_layer("decoder_dense")(image + output)  # (B, U)
+        # output (B*K, U) for K hypotheses per image (beam search), image (B, U)
+        units = image.shape[-1]
+        per_image = ops.reshape(output, (ops.shape(image)[0], -1, units))  # (B, K, U)
+        merged = ops.reshape(image[:, None] + per_image, (-1, units))
+        hidden = model.get_layer("decoder_dense")(merged)  # (B*K, U)
         return hidden, ((image,), new_state), None
