@@ -59,7 +59,7 @@ def runs(runs_dir: str, as_json: bool, sort: str) -> None:
     "run_dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="Also plot this run's loss curves and generated captions.",
+    help="Also plot this run's loss curves, generated captions and (attention) maps.",
 )
 @click.option(
     "--out",
@@ -71,7 +71,8 @@ def runs(runs_dir: str, as_json: bool, sort: str) -> None:
 )
 @fail_cleanly
 def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
-    """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions.
+    """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions,
+    and for an attention run where each word of test captions looked.
 
     Needs the optional extra: pip install 'captioner[plots]'.
 
@@ -81,6 +82,8 @@ def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
       captioner plot --dataset demo --run runs/demo --out plots/
     """
     cfg = resolve(**common)
+    if run_dir:
+        start_tensorflow()  # an attention run's page decodes test images
     from captioner import plots as stage
 
     for path in stage.plot(cfg, Path(out_dir), Path(run_dir) if run_dir else None):
