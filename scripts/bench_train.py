@@ -187,6 +187,7 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
     """
     import tensorflow as tf
 
+    from captioner.models import packed_lstm
     from captioner.models.merge import output_cross_entropy
 
     output, rnn = model.get_layer("logits"), model.get_layer("rnn")
@@ -200,10 +201,19 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
         return tape.gradient(loss, [hidden, *output.trainable_weights])
 
     @tf.function(reduce_retracing=True)
-    def recurrent(embedded, mask):  # (B, T, E), (B, T)
+    def recurrent(embedded, mask):  # (B, T, E), (B, T): as MergeModel.train_step runs the RNN
         with tf.GradientTape() as tape:
             tape.watch(embedded)
-            loss = tf.reduce_sum(rnn(embedded, mask=mask))
+            if packed_lstm.supports(rnn):  # only the real positions, packed
+                packing = packed_lstm.pack(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1))
+                cell = rnn.cell
+                weights = (cell.kernel, cell.recurrent_kernel, cell.bias)
+                sequence = packed_lstm.lstm(
+                    tf.gather_nd(embedded, packing.index), packing, *weights
+                )
+            else:
+                sequence = rnn(embedded, mask=mask)
+            loss = tf.reduce_sum(sequence)
         return tape.gradient(loss, [embedded, *rnn.trainable_weights])
 
     def step(inputs, targets):
