@@ -33,6 +33,7 @@ from keras import layers, ops
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
 from captioner.models import packed_lstm
+from captioner.models.fused_adam import FusedAdam
 from captioner.text import PAD_ID
 
 RNN_LAYERS = {"lstm": layers.LSTM, "gru": layers.GRU}
@@ -240,10 +241,11 @@ def build_model(
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:
-    """Adam and cross-entropy on logits, ignoring padding targets (id 0). MergeModel's fit and
-    evaluate compute this loss fused with the output layer, at non-padding targets only."""
+    """Adam (Keras', each dense update one fused kernel: fused_adam.py) and cross-entropy on
+    logits, ignoring padding targets (id 0). MergeModel's fit and evaluate compute this loss
+    fused with the output layer, at non-padding targets only."""
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=FusedAdam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
     )
 
