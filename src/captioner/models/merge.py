@@ -13,8 +13,10 @@ model outputs for the prefix tokens[:, :t+1] with the same weights (tests/test_m
 Speed: the vocabulary projection and its softmax are most of the training cost, so `fit` and
 `evaluate` (MergeModel.train_step/test_step) compute the output layer only at the N real target
 positions of a batch, (N, U) -> (N, V), never at padding, fused with the loss
-(output_cross_entropy). The loss is the compiled one: cross-entropy averaged over real words.
-`predict` and `model(inputs)` still return logits at every position.
+(output_cross_entropy). With an LSTM the layers before it also see only those N positions
+(_packed_hidden, packed_lstm.py): a shuffled batch is about half padding. The loss is the
+compiled one: cross-entropy averaged over real words. `predict` and `model(inputs)` still run the
+functional graph (Keras' LSTM) and return logits at every position.
 
 MergeDecoder at the bottom is this model's side of the decoder interface (models/decoder.py):
 it reuses the trained layers, so decoding steps the RNN state one token at a time instead of
