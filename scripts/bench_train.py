@@ -188,7 +188,7 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
     import tensorflow as tf
 
     from captioner.models import packed_lstm
-    from captioner.models.merge import output_cross_entropy
+    from captioner.models.shared import output_cross_entropy
 
     output, rnn = model.get_layer("logits"), model.get_layer("rnn")
     embed = model.get_layer("embedding").output_dim
@@ -206,14 +206,10 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
             tape.watch(embedded)
             if packed_lstm.supports(rnn):  # only the real positions, packed
                 packing = packed_lstm.pack(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1))
-                cell = rnn.cell
-                weights = (cell.kernel, cell.recurrent_kernel, cell.bias)
-                sequence = packed_lstm.lstm(
-                    tf.gather_nd(embedded, packing.index), packing, *weights
-                )
+                packed = tf.gather_nd(embedded, packing.index)
+                loss = tf.reduce_sum(packed_lstm.lstm_layer(rnn, packed, packing))
             else:
-                sequence = rnn(embedded, mask=mask)
-            loss = tf.reduce_sum(sequence)
+                loss = tf.reduce_sum(rnn(embedded, mask=mask))
         return tape.gradient(loss, [embedded, *rnn.trainable_weights])
 
     def step(inputs, targets):

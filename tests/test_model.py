@@ -15,7 +15,7 @@ from tinydata import fixture_captions
 from captioner import models
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
-from captioner.models import merge
+from captioner.models import merge, shared
 from captioner.reference import build_prefix_model, copy_merge_weights
 from captioner.text import END_ID, START_ID, normalize
 from captioner.tokenizer import Vocabulary
@@ -133,7 +133,7 @@ def test_fused_output_loss_has_the_gradients_of_dense_plus_crossentropy(
     assert len({int(n) for n in (targets != 0).sum(axis=1)}) >= min(len(rows), 4)
     weights = model.trainable_weights
     with tf.GradientTape(persistent=True) as tape:
-        fused, count = model._loss(inputs, targets, training=True)
+        fused, _, count = model._loss_terms(inputs, targets, training=True)
         plain = model.loss(targets, model(inputs, training=True))
     assert int(count) == int((targets != 0).sum())
     assert float(fused) == pytest.approx(float(plain), rel=1e-5)
@@ -142,6 +142,27 @@ def test_fused_output_loss_has_the_gradients_of_dense_plus_crossentropy(
     ):
         a, b = tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy()
         np.testing.assert_allclose(a, b, atol=1e-6 + 1e-4 * np.abs(b).max(), err_msg=weight.path)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_fused_output_loss_with_label_smoothing_equals_keras(smoothing):
+    """output_cross_entropy(..., smoothing=e) equals Dense + CategoricalCrossentropy with
+    label_smoothing=e on one-hot targets: value and the gradients of all three inputs."""
+    rng = np.random.default_rng(0)
+    hidden = tf.constant(rng.normal(size=(9, 6)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(6, 11)), tf.float32)
+    bias = tf.constant(rng.normal(size=11), tf.float32)
+    labels = tf.constant(rng.integers(0, 11, size=9), tf.int32)
+    keras_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([hidden, kernel, bias])
+        fused = shared.output_cross_entropy(hidden, kernel, bias, labels, smoothing)
+        plain = keras_loss(tf.one_hot(labels, 11), hidden @ kernel + bias)
+    assert float(fused) == pytest.approx(float(plain), rel=1e-5)
+    assert float(fused) > 1.0  # random logits: a real loss
+    gradients = [tape.gradient(loss, [hidden, kernel, bias]) for loss in (fused, plain)]
+    for a, b in zip(*gradients, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -161,7 +182,7 @@ def test_step_by_step_decoding_equals_the_full_sequence_logits(captions, small_m
     # projection under XLA)
     for step in (decoder.step, decoder.step_fn()):
         state = decoder.start(inputs["features"])
-        assert len(state) == (3 if cell == "lstm" else 2)
+        assert len(state[0]) == 1 and len(state[1]) == (2 if cell == "lstm" else 1)
         for t in range(inputs["tokens"].shape[1]):
             hidden, state, attention = step(inputs["tokens"][:, t], state)
             logits = decoder.logits(hidden)

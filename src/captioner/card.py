@@ -50,6 +50,25 @@ def render_card(run_dir: Path) -> str:
 _JSON_FILES = ("config", "state", "vocab", "features_meta", "versions", "training")
 
 
+MODEL_KEYS = ("cell", "units", "embed_dim", "dropout", "attention_units", "doubly_stochastic")
+
+
+def _decoder_row(decoder: str, files: dict[str, Any]) -> str:
+    """The decoder and its sizes; for attention also its attention width and the weight of its
+    doubly stochastic regularisation."""
+    model = {key: _get(files, "config", "model", key) for key in MODEL_KEYS}
+    row = (
+        f"{decoder}: {str(model['cell']).upper()} {model['units']} units, embedding "
+        f"{model['embed_dim']}, dropout {model['dropout']}"
+    )
+    if decoder == "attention":
+        row += (
+            f", attention {model['attention_units']} units, doubly stochastic "
+            f"regularisation {model['doubly_stochastic']}"
+        )
+    return row
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -81,12 +100,7 @@ def _header(summary: RunSummary, files: dict) -> str:
             f"{_get(files, 'features_meta', 'dim')}-d features, "
             f"{_get(files, 'features_meta', 'precision')}"
         ),
-        "decoder": (
-            f"{summary.decoder}: {str(_get(files, 'config', 'model', 'cell')).upper()} "
-            f"{_get(files, 'config', 'model', 'units')} units, embedding "
-            f"{_get(files, 'config', 'model', 'embed_dim')}, "
-            f"dropout {_get(files, 'config', 'model', 'dropout')}"
-        ),
+        "decoder": _decoder_row(summary.decoder, files),
         "vocabulary": (
             f"{_get(files, 'vocab', 'size')} tokens (words seen at least "
             f"{_get(files, 'vocab', 'settings', 'min_count')} times in training), captions up "

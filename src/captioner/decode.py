@@ -13,6 +13,13 @@ compete for the slots and "every beam ended early" needs no special case. Hypoth
 by log-probability / length**length_penalty (0 = plain log-probability; length counts the words
 and the <end> token). `no_repeat_ngram=n` forbids any word that would repeat an n-gram already
 in the hypothesis.
+
+Attention maps: with `attention=True` each function returns (word ids, maps) instead of the word
+ids alone. maps[i] is a float32 array (len(ids[i]), L) for a decoder with attention (L = H * W
+regions in row-major order, each row summing to 1): row j is the attention of the step that
+chose word j, so maps and words align one to one (the <end> token's map is not returned). Beam
+search carries the maps of every surviving hypothesis along with its words. For a decoder
+without attention (merge) maps is None.
 """
 
 from __future__ import annotations
@@ -38,14 +45,26 @@ BATCH_SIZE = 3000  # hypotheses (images * beam) per compiled call; bounds memory
 # Compiled decoders per model and settings. Weak keys, and the decoders hold their model only
 # weakly (they need it while tracing), so a model its caller drops is freed with its graphs.
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# N lists of word ids, or with attention=True (ids, N maps (words, L) or None): module docstring
+Decoded = list[list[int]] | tuple[list[list[int]], list[np.ndarray] | None]
 
 
 def greedy(
-    model: keras.Model, features: np.ndarray, max_length: int, batch_size: int = BATCH_SIZE
-) -> list[list[int]]:
-    """Most probable next word at every step. features (N, D) -> N lists of word ids."""
-    run = _compiled(model, ("greedy", max_length), lambda: _greedy_loop(model, max_length))
-    return _decode_batches(run, features, batch_size)
+    model: keras.Model,
+    features: np.ndarray,
+    max_length: int,
+    batch_size: int = BATCH_SIZE,
+    attention: bool = False,
+) -> Decoded:
+    """Most probable next word at every step. features (N, ...) -> N lists of word ids (and
+    their attention maps with `attention`: see the module docstring)."""
+    maps = attention and decoder_for(model).regions is not None
+    run = _compiled(
+        model,
+        ("greedy", max_length, maps, np.shape(features)[1:]),
+        lambda: _greedy_loop(model, max_length, maps, np.shape(features)[1:]),
+    )
+    return _decode_batches(run, features, batch_size, maps, attention)
 
 
 def beam_search(
@@ -56,15 +75,21 @@ def beam_search(
     length_penalty: float = 0.0,
     no_repeat_ngram: int = 0,
     batch_size: int = BATCH_SIZE,
-) -> list[list[int]]:
-    """Best of `beam` hypotheses per image. features (N, D) -> N lists of word ids."""
+    attention: bool = False,
+) -> Decoded:
+    """Best of `beam` hypotheses per image. features (N, ...) -> N lists of word ids (and their
+    attention maps with `attention`: see the module docstring)."""
     if beam < 1:
         raise ValueError(f"beam width must be at least 1, got {beam}")
-    key = ("beam", max_length, beam, float(length_penalty), no_repeat_ngram)
+    maps = attention and decoder_for(model).regions is not None
+    shape = np.shape(features)[1:]
+    key = ("beam", max_length, beam, float(length_penalty), no_repeat_ngram, maps, shape)
     run = _compiled(
-        model, key, lambda: _beam_loop(model, max_length, beam, length_penalty, no_repeat_ngram)
+        model,
+        key,
+        lambda: _beam_loop(model, max_length, beam, length_penalty, no_repeat_ngram, maps, shape),
     )
-    return _decode_batches(run, features, max(1, batch_size // beam))
+    return _decode_batches(run, features, max(1, batch_size // beam), maps, attention)
 
 
 def decode(
@@ -74,11 +99,14 @@ def decode(
     beam: int = 1,
     length_penalty: float = 0.0,
     no_repeat_ngram: int = 0,
-) -> list[list[int]]:
+    attention: bool = False,
+) -> Decoded:
     """Greedy when beam == 1 and nothing is blocked, else beam search."""
     if beam == 1 and no_repeat_ngram == 0:
-        return greedy(model, features, max_length)
-    return beam_search(model, features, max_length, beam, length_penalty, no_repeat_ngram)
+        return greedy(model, features, max_length, attention=attention)
+    return beam_search(
+        model, features, max_length, beam, length_penalty, no_repeat_ngram, attention=attention
+    )
 
 
 # --- shared pieces -----------------------------------------------------------------------------
@@ -92,24 +120,31 @@ def _compiled(model: keras.Model, key: tuple, build: Callable[[], Callable]) -> 
     return per_model[key]
 
 
-def _decode_batches(run: Callable, features: np.ndarray, batch_size: int) -> list[list[int]]:
-    """Run the compiled loop over slices of `features`; cut every row at its first <end>/pad.
+def _decode_batches(
+    run: Callable, features: np.ndarray, batch_size: int, with_maps: bool, attention: bool
+) -> Decoded:
+    """Run the compiled loop over slices of `features`; cut every row at its first <end>/pad,
+    and its maps (when the loop makes them) to the same length.
 
     Slices are of (nearly) equal size: every new batch size costs a trace and an XLA compile.
     """
     results: list[list[int]] = []
-    if len(features) == 0:
-        return results
-    n_slices = -(-len(features) // batch_size)
+    maps: list[np.ndarray] | None = [] if with_maps else None
+    n_slices = max(1, -(-len(features) // batch_size))
     for rows in np.array_split(np.arange(len(features)), n_slices):
-        chunk = np.asarray(features[rows[0] : rows[-1] + 1], dtype=np.float32)  # (B, D)
+        if rows.size == 0:
+            continue
+        chunk = np.asarray(features[rows[0] : rows[-1] + 1], dtype=np.float32)  # (B, ...)
         with warnings.catch_warnings():
             # Tracing feeds one embedded token (mask_zero) to the LSTM cell, which warns that it
             # drops the mask; a single token has nothing to mask.
             warnings.filterwarnings("ignore", "Layer 'lstm_cell'.*does not support masking")
-            tokens = run(tf.constant(chunk)).numpy()  # (B, max_length)
-        results.extend(_until_end(row) for row in tokens)
-    return results
+            tokens, chunk_maps = run(tf.constant(chunk))  # (B, max_length), (B, max_length, L)
+        words = [_until_end(row) for row in tokens.numpy()]
+        results.extend(words)
+        if maps is not None:
+            maps.extend(m[: len(w)] for m, w in zip(chunk_maps.numpy(), words, strict=True))
+    return (results, maps) if attention else results
 
 
 def _until_end(row: np.ndarray) -> list[int]:
@@ -173,10 +208,13 @@ def _top_k(logits, maxima, k: int):
 # --- greedy ------------------------------------------------------------------------------------
 
 
-def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
+def _greedy_loop(model: keras.Model, max_length: int, maps: bool, shape: tuple) -> Callable:
+    """The compiled greedy loop: features (B, *shape) -> (ids (B, max_length), maps
+    (B, max_length, L) of each step, or None unless `maps`)."""
     model_ref = weakref.ref(model)
+    regions = decoder_for(model).regions or 0
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=XLA)
+    @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.float32)], jit_compile=XLA)
     def run(features):
         decoder = decoder_for(model_ref())  # traced while the caller holds the model
         batch = tf.shape(features)[0]
@@ -186,16 +224,19 @@ def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
         token = tf.fill([batch], START_ID)
         done = tf.zeros([batch], tf.bool)
         output = tf.zeros([max_length, batch], tf.int32)  # time-major so each step writes a row
+        attention = tf.zeros([max_length, batch, regions if maps else 0])
         for t in tf.range(max_length):
-            hidden, state, _ = step(token, state)  # (B, U)
+            hidden, state, alpha = step(token, state)  # (B, U), state, (B, L) | None
             logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B, A)
             token = tf.argmax(logits, axis=-1, output_type=tf.int32) + FIRST_ALLOWED
             token = tf.where(done, PAD_ID, token)  # (B,)
             output = tf.tensor_scatter_nd_update(output, [[t]], token[None])
+            if maps:
+                attention = tf.tensor_scatter_nd_update(attention, [[t]], alpha[None])
             done = done | (token == END_ID)
             if tf.reduce_all(done):
                 break
-        return tf.transpose(output)  # (B, max_length)
+        return tf.transpose(output), (tf.transpose(attention, (1, 0, 2)) if maps else None)
 
     return run
 
@@ -204,23 +245,34 @@ def _greedy_loop(model: keras.Model, max_length: int) -> Callable:
 
 
 def _beam_loop(
-    model: keras.Model, max_length: int, beam: int, length_penalty: float, no_repeat_ngram: int
+    model: keras.Model,
+    max_length: int,
+    beam: int,
+    length_penalty: float,
+    no_repeat_ngram: int,
+    maps: bool,
+    shape: tuple,
 ) -> Callable:
+    """The compiled beam search: features (B, *shape) -> (ids (B, max_length), maps
+    (B, max_length, L) of the best hypothesis, or None unless `maps`)."""
     # Only a hypothesis's own best `per_row` words can enter the next beam: its rank is monotone
     # in the word's log-probability. So top-k per row first, then over (B, K * per_row).
     per_row = min(beam, decoder_for(model).vocab_size - FIRST_ALLOWED)
+    regions = decoder_for(model).regions or 0
     # A finished hypothesis has one continuation, padding at no cost: (per_row,)
     finished_logp = tf.constant([0.0] + [MASKED] * (per_row - 1))
     model_ref = weakref.ref(model)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)], jit_compile=XLA)
+    @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.float32)], jit_compile=XLA)
     def run(features):
         decoder = decoder_for(model_ref())  # traced while the caller holds the model
         batch = tf.shape(features)[0]
         rows = batch * beam  # hypotheses are rows b * beam + k
         kernel, bias = _allowed_projection(decoder)  # (U, A), (A,)
         step = decoder.step_fn()
-        state = tf.nest.map_structure(  # every part (B*K, ...)
+        # every part (B*K, ...); the image's parts are the same for all beams of an image, so
+        # they are never reordered, only the carry is
+        image, carry = tf.nest.map_structure(
             lambda part: tf.repeat(part, beam, axis=0), decoder.start(features)
         )
         token = tf.fill([rows], START_ID)
@@ -229,8 +281,9 @@ def _beam_loop(
         lengths = tf.zeros([batch, beam])  # tokens scored, including <end>
         done = tf.zeros([batch, beam], tf.bool)
         sequences = tf.zeros([rows, max_length], tf.int32)
+        attention = tf.zeros([rows, max_length, regions if maps else 0])
         for t in tf.range(max_length):
-            hidden, state, _ = step(token, state)  # (B*K, U)
+            hidden, (image, carry), alpha = step(token, (image, carry))  # (B*K, U), ..., (B*K, L)
             logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B*K, A)
             if no_repeat_ngram > 0:
                 logits += _repeated_ngram_mask(sequences, t, no_repeat_ngram, logits.shape[1])
@@ -254,23 +307,26 @@ def _beam_loop(
             lengths = tf.gather(candidate_length, origin, batch_dims=1)
             done = tf.gather(done, origin, batch_dims=1) | (new_token == END_ID)
             parent = tf.reshape(origin + tf.range(batch)[:, None] * beam, [rows])  # (B*K,)
-            state = _reorder(state, parent)
+            carry = _reorder(carry, parent)
             token = tf.reshape(new_token, [rows])
-            sequences = tf.gather(sequences, parent)
-            sequences = tf.tensor_scatter_nd_update(
-                sequences, tf.stack([tf.range(rows), tf.fill([rows], t)], axis=1), token
-            )
+            at_t = tf.stack([tf.range(rows), tf.fill([rows], t)], axis=1)  # (B*K, 2)
+            sequences = tf.tensor_scatter_nd_update(tf.gather(sequences, parent), at_t, token)
+            if maps:  # the new word's map is its parent's attention at this step
+                attention = tf.tensor_scatter_nd_update(
+                    tf.gather(attention, parent), at_t, tf.gather(alpha, parent)
+                )
             if tf.reduce_all(done):
                 break
         # top_k sorted every image's hypotheses by rank, so hypothesis 0 is the best one.
-        return tf.reshape(sequences, [batch, beam, max_length])[:, 0]  # (B, max_length)
+        best_maps = tf.reshape(attention, [batch, beam, max_length, -1])[:, 0] if maps else None
+        return tf.reshape(sequences, [batch, beam, max_length])[:, 0], best_maps
 
     return run
 
 
-def _reorder(state, parent):
-    """Every part of the state (B*K, ...) taken from the hypotheses the new ones extend."""
-    return tf.nest.map_structure(lambda part: tf.gather(part, parent), state)
+def _reorder(carry, parent):
+    """Every part of the carry (B*K, ...) taken from the hypotheses the new ones extend."""
+    return tf.nest.map_structure(lambda part: tf.gather(part, parent), carry)
 
 
 def _repeated_ngram_mask(sequences, t, n: int, width: int):

@@ -34,6 +34,7 @@ except ImportError as error:
 
 from captioner import plot_figures as figures
 from captioner.config import Config
+from captioner.feature_cache import for_decoder
 from captioner.io import log
 
 MAX_FEATURE_POINTS = 3000  # PCA/k-means on a seeded sample keeps Flickr30k (31k x 4096) quick
@@ -97,7 +98,8 @@ def feature_clusters(
     rows = np.arange(count)
     if count > max_points:
         rows = np.sort(np.random.default_rng(seed).choice(count, max_points, replace=False))
-    sample = np.asarray(features[rows], dtype=np.float32)  # (n, D), read from the memory map
+    # (n, D) read from the memory map; a grid cache's rows as their mean over regions
+    sample = for_decoder(features[rows], "pooled", "of the feature-space plot")
     pca = PCA(n_components=min(50, *sample.shape), random_state=seed)
     reduced = pca.fit_transform(sample)  # (n, <=50)
     clusters = max(1, min(clusters, len(rows)))

@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from captioner.models.shared import lstm_update
+
 
 class Packing(NamedTuple):
     """Where each real position of a post-padded (B, T) batch goes in the packed layout.
@@ -76,6 +78,12 @@ def pack(lengths) -> Packing:
     earlier = tf.gather(tf.concat([[0], offsets], 0), tf.squeeze(steps, 1))[:, None] + ranks
     previous = tf.where(steps > 0, earlier, tf.reduce_sum(sizes))
     return Packing(index, sizes, tf.boolean_mask(previous, real))
+
+
+def lstm_layer(layer, inputs, packing: Packing):
+    """`lstm` with the weights of a Keras LSTM layer that `supports` accepts."""
+    cell = layer.cell
+    return lstm(inputs, packing, cell.kernel, cell.recurrent_kernel, cell.bias)
 
 
 def lstm(inputs, packing: Packing, kernel, recurrent_kernel, bias):
@@ -134,9 +142,7 @@ def _forward(projected, sizes, recurrent_kernel):
         size = sizes[t]  # the rows still running: the first `size` of the state
         h, c = h[:size], c[:size]
         z = projected[start : start + size] + tf.matmul(h, recurrent_kernel)  # (n, 4U)
-        i, f, g, o = tf.split(z, 4, axis=1)
-        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-        h = tf.sigmoid(o) * tf.tanh(c)
+        h, c = lstm_update(z, c)
         return t + 1, start + size, h, c, zs.write(t, z), hs.write(t, h), cs.write(t, c)
 
     state_shape = tf.TensorShape([None, width])
