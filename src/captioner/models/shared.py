@@ -16,6 +16,7 @@ import keras
 from keras import ops
 
 from captioner.errors import CaptionerError
+from captioner.models.fused_adam import FusedAdam
 from captioner.text import PAD_ID
 
 # Keras mixed precision, per layer: float32 weights, bfloat16 matmuls in the dense layers (2-3x
@@ -134,10 +135,11 @@ class FusedOutputModel(keras.Model):
 
 
 def compile_model(model: keras.Model, learning_rate: float) -> None:
-    """Adam and cross-entropy on logits, ignoring padding targets (id 0). FusedOutputModel's fit
-    and evaluate compute this loss fused with the output layer, at non-padding targets only."""
+    """Adam (Keras', each dense update one fused kernel: fused_adam.py) and cross-entropy on
+    logits, ignoring padding targets (id 0). FusedOutputModel's fit and evaluate compute this
+    loss fused with the output layer, at non-padding targets only."""
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=FusedAdam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=PAD_ID),
     )
 
