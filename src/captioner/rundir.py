@@ -266,9 +266,8 @@ class LoadedRun:
     def caption_features(
         self, features: np.ndarray, decoding: DecodeSettings | None = None
     ) -> list[str]:
-        """Captions for features of this run's encoder, rows as its cache or encoder gives them
-        ((N, D) or (N, H, W, C): feature_cache.for_decoder shapes them for the run's decoder);
-        `decoding` defaults to the run's own settings (decode_settings())."""
+        """Captions for rows of this run's cache or encoder, (N, D) or (N, H, W, C) (for_decoder
+        shapes them for the run's decoder); `decoding` defaults to decode_settings()."""
         from captioner import decode
         from captioner.feature_cache import for_decoder
         from captioner.models import features_of
@@ -344,13 +343,8 @@ def _run_encoder(meta: dict, run_dir: Path):
             f"{run_dir / 'features_meta.json'}: no {error} entry; "
             "retrain with the current captioner"
         ) from None
-    layout, grid = layout_of(meta)
+    layout, grid = layout_of(meta)  # the cache's grid: as computed, or pooled to it
+    size = {"grid_size": grid[0] if grid else 0, "image_size": (meta.get("input_size") or [0])[0]}
     return build_encoder(
-        name,
-        weights,
-        meta.get("precision", "auto"),
-        seed=meta.get("seed") or 0,
-        layout=layout,
-        grid_size=grid[0] if grid else 0,  # the cache's grid: as computed, or pooled to it
-        image_size=(meta.get("input_size") or [0])[0],
+        name, weights, meta.get("precision", "auto"), meta.get("seed") or 0, layout=layout, **size
     )
