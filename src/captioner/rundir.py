@@ -266,8 +266,9 @@ class LoadedRun:
     def caption_features(
         self, features: np.ndarray, decoding: DecodeSettings | None = None
     ) -> list[str]:
-        """Captions for rows of this run's cache or encoder, (N, D) or (N, H, W, C) (for_decoder
-        shapes them for the run's decoder); `decoding` defaults to decode_settings()."""
+        """Captions for features of this run's encoder, rows as its cache or encoder gives them
+        ((N, D) or (N, H, W, C): feature_cache.for_decoder shapes them for the run's decoder);
+        `decoding` defaults to the run's own settings (decode_settings())."""
         from captioner import decode
         from captioner.feature_cache import for_decoder
         from captioner.models import features_of
