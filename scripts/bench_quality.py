@@ -20,7 +20,9 @@ true end of dev captions (teacher forcing); best dev loss and its epoch; trainin
     python scripts/bench.py quality [--set train.epochs=5 ...] [--features grid-mean] [--json]
 
 `--set` changes our settings (the README's table of what was tried); `--images N` trains on the
-first N training images only (the test suite's small version).
+first N training images only (the test suite's small version). `--features grid --decoders merge
+attention` compares the decoders like for like on the shared 7x7x128 grid: attention on the
+grid, merge on its mean over regions (one row each: ours-merge, ours-attention).
 """
 
 from __future__ import annotations
@@ -54,7 +56,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     parser.add_argument("--images", type=int, default=0, help="first N train images (0 = all)")
     parser.add_argument("--dev-images", type=int, default=0, help="first N dev images (0 = all)")
-    parser.add_argument("--features", choices=("pooled", "grid-mean"), default="pooled")
+    parser.add_argument(
+        "--features",
+        choices=("pooled", "grid", "grid-mean"),
+        default="pooled",
+        help="the shared pooled vectors, or the shared grid (grid-mean: its old name), which "
+        "merge and the reference take as the mean over its regions and attention as it is",
+    )
+    parser.add_argument(
+        "--decoders",
+        nargs="+",
+        choices=("merge", "attention"),
+        help="train ours with each of these decoders on the same features (default: "
+        "model.decoder); attention needs --features grid",
+    )
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--reference-epochs", type=int, default=20)
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared/ folder")
@@ -62,13 +77,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> dict:
+    from captioner.config import replace
+
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         cfg = prepare_dataset(Path(tmp), args)
         result = {"machine": machine(), "features": args.features, "set": args.overrides}
         if not args.skip_reference:
             result["reference"] = run_reference(cfg, args.reference_epochs)
-        result["ours"] = run_ours(cfg)
+        decoders = args.decoders or [cfg.model.decoder]
+        for decoder in decoders:
+            key = "ours" if len(decoders) == 1 else f"ours-{decoder}"
+            result[key] = run_ours(replace(cfg, **{"model.decoder": decoder, "train.name": key}))
     if not args.json:
         print_table(result)
     return report(result, args.json) if args.json else result
@@ -279,7 +299,7 @@ def print_table(result: dict) -> None:
     from captioner.evaluate import LABELS
 
     columns = {**{key: LABELS[key] for key in SCORES}, **EXTRA}
-    rows = [name for name in ("reference", "ours") if name in result]
+    rows = [name for name in result if name == "reference" or name.startswith("ours")]
     print("| | " + " | ".join(columns.values()) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name in rows:

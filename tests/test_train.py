@@ -432,16 +432,17 @@ def test_cli_train_runs_every_missing_stage_on_a_tiny_demo_dataset(tmp_path, cap
     run_dir = tmp_path / "runs" / "demo1"
     assert first.stdout.strip() == str(run_dir)
     dataset = tmp_path / "data" / "demo"
-    meta = read_json(dataset / "features" / "mobilenetv3small" / "meta.json")
+    features = "features/mobilenetv3small-112px"  # configs/demo.toml: images of 112 pixels
+    meta = read_json(dataset / features / "meta.json")
     assert meta["count"] == 55 and read_json(run_dir / "features_meta.json") == meta
     assert [int(r["epoch"]) for r in history(run_dir)] == [1, 2]
     assert read_json(run_dir / "state.json")["finished"]
 
     cfg = from_dict(read_json(run_dir / "config.json"))
     capsys.readouterr()
-    assert pipeline.prepare(cfg)["features"] == dataset / "features" / "mobilenetv3small"
+    assert pipeline.prepare(cfg)["features"] == dataset / features
     err = capsys.readouterr().err
-    for output in ("captions.csv", "features/mobilenetv3small", "vocab.json"):
+    for output in ("captions.csv", features, "vocab.json"):
         assert f"reusing {dataset / output}" in err  # every stage's output is reused
 
 

@@ -126,6 +126,9 @@ class TrainConfig:
     # After an epoch whose validation loss did not improve, multiply the learning rate by this
     # (1 = constant). Chosen on real Flickr8k dev (README, "Defaults").
     lr_decay: float = 0.5
+    # Cross-entropy against (1 - e) one_hot + e / V, in the training and the dev loss. Chosen on
+    # real Flickr8k dev (README, "Defaults"): 0.1 raised BLEU-4 .180 -> .196, CIDEr-D .433 -> .467.
+    label_smoothing: float = 0.1
     precision: str = "float32"  # float32 | bfloat16 (mixed)
     runs_dir: str = "runs"
     name: str = ""  # run name; default <dataset>-<encoder>-<timestamp>

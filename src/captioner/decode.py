@@ -270,11 +270,10 @@ def _beam_loop(
         rows = batch * beam  # hypotheses are rows b * beam + k
         kernel, bias = _allowed_projection(decoder)  # (U, A), (A,)
         step = decoder.step_fn()
-        # every part (B*K, ...); the image's parts are the same for all beams of an image, so
-        # they are never reordered, only the carry is
-        image, carry = tf.nest.map_structure(
-            lambda part: tf.repeat(part, beam, axis=0), decoder.start(features)
-        )
+        # The carry (B*K, ...) is repeated per beam and reordered with the hypotheses; the
+        # image's parts keep one row per image, shared by its beams (rows b*K ... b*K + K-1)
+        image, carry = decoder.start(features)
+        carry = tf.nest.map_structure(lambda part: tf.repeat(part, beam, axis=0), carry)
         token = tf.fill([rows], START_ID)
         # Only hypothesis 0 is alive at first, so the first step does not pick K copies of it.
         scores = tf.tile(tf.constant([[0.0] + [MASKED] * (beam - 1)]), [batch, 1])  # (B, K)

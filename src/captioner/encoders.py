@@ -289,11 +289,12 @@ def build_encoder(
         )
     spec = ENCODERS[name]
     size = image_size or spec.size
-    if layout == "pooled" and spec.output != "avg" and size != spec.size:
+    if layout == "pooled" and spec.output != "avg" and size != spec.size and weights != "none":
+        # the first dense layer's weights are made for the trunk's output at spec.size
         raise CaptionerError(
-            f"features.image_size: {name}'s {spec.output} vector needs {spec.size}x{spec.size} "
+            f"features.image_size: {name}'s trained {spec.output} needs {spec.size}x{spec.size} "
             f"images, not {size}; cache its grid instead (features.layout=grid: a merge model "
-            "takes the grid's mean)"
+            "takes the grid's mean), or use random weights (--weights none)"
         )
     stamp = None
     if weights not in ("imagenet", "none"):

@@ -357,13 +357,8 @@ def _run_encoder(meta: dict, run_dir: Path):
             f"{run_dir / 'features_meta.json'}: no {error} entry; "
             "retrain with the current captioner"
         ) from None
-    layout, grid = layout_of(meta)
+    layout, grid = layout_of(meta)  # the cache's grid: as computed, or pooled to it
+    size = {"grid_size": grid[0] if grid else 0, "image_size": (meta.get("input_size") or [0])[0]}
     return build_encoder(
-        name,
-        weights,
-        meta.get("precision", "auto"),
-        seed=meta.get("seed") or 0,
-        layout=layout,
-        grid_size=grid[0] if grid else 0,  # the cache's grid: as computed, or pooled to it
-        image_size=(meta.get("input_size") or [0])[0],
+        name, weights, meta.get("precision", "auto"), meta.get("seed") or 0, layout=layout, **size
     )

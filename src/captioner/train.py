@@ -70,6 +70,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             caption_model = models.load_saved(run_dir / state["checkpoint"], "start a new run")
         else:
             caption_model = _new_model(cfg, cache, train_rows, vocab.size)
+    caption_model.label_smoothing = cfg.train.label_smoothing  # read when fit traces its steps
     checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, cfg.train.lr_decay, write=chief)
     # after the checkpoint each epoch: TensorBoard logs, dev scores, clock (monitor.py)
     callbacks = [checkpoint, *(monitor.callbacks(run_dir, cfg, cache, vocab) if chief else [])]

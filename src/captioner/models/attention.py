@@ -118,23 +118,28 @@ class AttentionLSTM(layers.Layer):
         return ops.concatenate([self.recurrent_kernel, self.hidden_kernel, self.gate_kernel], 1)
 
     def step(self, gates_in, h, c, regions, projected, recurrent) -> tuple:
-        """One step: the word's gate share (B, 4U), h, c (B, U), regions (B, L, C), projected
-        (B, L, A), recurrent = fused_recurrent() -> (h, c, context z (B, C), alpha (B, L))."""
+        """One step: the word's gate share (R, 4U), h, c (R, U), regions (B, L, C), projected
+        (B, L, A), recurrent = fused_recurrent() -> (h, c, context z (R, C), alpha (R, L)).
+
+        R = B * K rows: K hypotheses per image (beam search), rows b * K ... b * K + K - 1 of
+        image b, so an image's regions are read once for all its beams; K = 1 in training.
+        """
         units, attention = self.units, self.attention_units
         gates_h, toward, gate = ops.split(
             ops.matmul(h, recurrent), [4 * units, 4 * units + attention], axis=1
-        )  # (B, 4U), W_h h (B, A), (B, 1)
-        gate = ops.sigmoid(gate + self.gate_bias)  # beta (B, 1)
-        energy = ops.tanh(projected + toward[:, None, :])  # (B, L, A)
-        scores = ops.reshape(
-            ops.matmul(ops.reshape(energy, (-1, attention)), self.score_kernel),
-            ops.shape(energy)[:2],
-        )  # (B, L)
-        alpha = ops.softmax(scores, axis=-1)
-        context = gate * ops.einsum("bl,blc->bc", alpha, regions)  # z (B, C)
-        z = gates_in + gates_h + ops.matmul(context, self.context_kernel)  # (B, 4U)
+        )  # (R, 4U), U_a h (R, A), (R, 1)
+        gate = ops.sigmoid(gate + self.gate_bias)  # beta (R, 1)
+        images, regions_count = ops.shape(projected)[0], ops.shape(projected)[1]
+        toward = ops.reshape(toward, (images, -1, 1, attention))  # (B, K, 1, A)
+        energy = ops.tanh(projected[:, None] + toward)  # (B, K, L, A)
+        scores = ops.matmul(ops.reshape(energy, (-1, attention)), self.score_kernel)
+        alpha = ops.softmax(ops.reshape(scores, (images, -1, regions_count)), axis=-1)  # (B, K, L)
+        context = gate * ops.reshape(
+            ops.matmul(alpha, regions), (-1, regions.shape[-1])
+        )  # z (R, C)
+        z = gates_in + gates_h + ops.matmul(context, self.context_kernel)  # (R, 4U)
         h, c = lstm_update(z, c)
-        return h, c, context, alpha
+        return h, c, context, ops.reshape(alpha, (-1, regions_count))
 
     # --- training: the whole caption ---------------------------------------------------------
     def call(self, embedded, regions, h0, c0, tokens):
@@ -225,7 +230,7 @@ class AttentionModel(FusedOutputModel):
         )  # (N, E)
         labels = tf.boolean_mask(targets, real)  # (N,)
         output = self.get_layer("logits")
-        loss = output_cross_entropy(deep, output.kernel, output.bias, labels)
+        loss = output_cross_entropy(deep, output.kernel, output.bias, labels, self.label_smoothing)
         count = tf.shape(labels)[0]
         weight = self.get_layer("attention_lstm").doubly_stochastic
         if not weight:
@@ -311,9 +316,11 @@ def build_model(
 class AttentionDecoder(OutputDecoder):
     """The attention model as a decoder (models/decoder.py).
 
-    State: ((regions (B, L, C), projected regions (B, L, A)), (h, c (B, U))): the image's parts
-    never change between steps, the LSTM's do. `step` returns the attention alpha (B, L) of the
-    step, over the regions in row-major order: the map of the word chosen from that step's logits.
+    State: ((regions (B, L, C), projected regions (B, L, A)), (h, c (R, U))): the image's parts
+    never change between steps, the LSTM's do; R = B * K rows when beam search keeps K
+    hypotheses per image (the image's parts are not repeated per beam: AttentionLSTM.step).
+    `step` returns the attention alpha (R, L) of the step, over the regions in row-major order:
+    the map of the word chosen from that step's logits.
     """
 
     name = "attention"

@@ -22,13 +22,15 @@ serves a pooled decoder as the mean over regions; D = C then).
     decoder_for(model) -> Decoder, for inference with a built or loaded model:
         start(features) -> state = (image, carry): two tuples of tensors, each (B, ...); the
             image's parts never change between steps, the carry (the RNN state) does
-        step(token_ids (B,) int32, state) -> (hidden (B, U), new state, attention (B, L) | None)
+        step(token_ids (R,) int32, state) -> (hidden (R, U), new state, attention (R, L) | None)
+            R = B * K: the carry may hold K rows per image (rows b*K ... b*K + K-1 are image
+            b's), the image's parts one; the step shares an image's parts among its rows
         step_fn() -> the same step, prepared for a compiled decoding loop (call while tracing)
         output_layer() -> (kernel (U, V), bias (V,)): logits = hidden @ kernel + bias
         logits(hidden (B, U)) -> (B, V) float32
         vocab_size, hidden_size: V and U; regions: L, or None for a decoder without attention
-    Beam search repeats every part of a state per beam; it reorders the carry by the chosen
-    hypotheses each step and never the image's parts (each image's beams share them).
+    Beam search repeats the carry per beam and reorders it by the chosen hypotheses each step;
+    the image's parts stay one row per image (read once for all of its beams).
     attention[b] is the map of the word chosen from hidden[b]: weights over the L regions in
     row-major (H, W) order, summing to 1.
 """
