@@ -26,6 +26,7 @@ SETTINGS = {
     "demo.dev_images": 10,
     "demo.test_images": 4,
     "demo.image_size": 64,
+    "features.image_size": 224,  # not the demo's 112: MobileNetV3Small's 7x7 grid
     "features.precision": "float32",
     "features.dtype": "float32",  # random MobileNet's values (~1e-9) are zeros in float16
     "model.units": 16,
