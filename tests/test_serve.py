@@ -32,6 +32,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from captioner.cli import main
+from captioner.config import from_dict
 from captioner.io import read_json, write_json
 
 # Small enough to train in well under a minute, trained enough that captions follow the image.
@@ -63,7 +64,7 @@ def tiny_run(tmp_path_factory) -> dict:
         for record in map(json.loads, done.stdout.splitlines())
     }
     assert len(expected) == IMAGES and len(set(expected.values())) > 1  # captions differ
-    cache = root / "data" / "demo" / "features" / "mobilenetv3small"
+    cache = from_dict(read_json(runs / "tiny" / "config.json")).features_dir  # the run's cache
     rows = {name: i for i, name in enumerate((cache / "ids.txt").read_text().splitlines())}
     features = np.load(cache / "features.npy")
     return {
