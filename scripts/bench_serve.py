@@ -130,7 +130,7 @@ def load_server(run_dir: Path, options: list[str], bodies: list[str], clients, a
 def put_load(host: str, port: int, name: str, bodies, clients: int, seconds: float, cap: int):
     """`clients` threads sending predict requests back to back; requests/s and latency."""
     latencies: list[float] = []
-    failed = [0]
+    failed, begun = [0], [0]  # begun: requests begun by any client (the cap counts these)
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
     path = f"/v1/models/{name}:predict"
@@ -140,8 +140,9 @@ def put_load(host: str, port: int, name: str, bodies, clients: int, seconds: flo
         sent = index
         while time.monotonic() < deadline:
             with lock:
-                if len(latencies) + failed[0] >= cap:
+                if begun[0] >= cap:
                     break
+                begun[0] += 1
             start = time.perf_counter()
             ok = False
             try:
