@@ -126,7 +126,8 @@ def test_plot_adds_a_page_of_attention_examples(attention_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "attention.png") in result.stdout.splitlines()
     with Image.open(tmp_path / "attention.png") as page:
-        assert page.width > 800 and page.height > 400
+        # a row per test image: the image and one panel per word (tiny runs write short captions)
+        assert page.width > 300 and page.height > 400
 
 
 def test_plot_of_a_merge_run_skips_the_attention_page(attention_run, tmp_path):
