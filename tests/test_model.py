@@ -15,7 +15,7 @@ from tinydata import fixture_captions
 from captioner import models
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
-from captioner.models import merge, shared
+from captioner.models import merge, packed_lstm, shared
 from captioner.reference import build_prefix_model, copy_merge_weights
 from captioner.text import END_ID, START_ID, normalize
 from captioner.tokenizer import Vocabulary
@@ -266,6 +266,12 @@ def test_models_saved_before_the_models_package_still_load_and_decode(name):
     decoder = models.decoder_for(model)
     assert decoder.name == "merge" and decoder.vocab_size == 12
     assert len(decode.beam_search(model, inputs["features"], 5, beam=2)) == 2
+    # a resumed old run trains its LSTM packed too, with the same loss as the functional model
+    assert packed_lstm.supports(model.get_layer("rnn")) == (name == "lstm")
+    assert inputs["tokens"].tolist() == [[START_ID, 4, 5, 0], [START_ID, 6, 7, 8]]
+    targets = np.array([[4, 5, END_ID, 0], [6, 7, 8, END_ID]], np.int32)
+    _, loss, _ = model._loss_terms(inputs, targets, training=False)
+    assert float(loss) == pytest.approx(float(model.loss(targets, model(inputs))), rel=1e-5)
 
 
 def test_the_config_offers_every_decoder_and_build_follows_it():
