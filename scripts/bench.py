@@ -6,6 +6,7 @@
     python scripts/bench.py attention [--json]   the attention decoder against merge
     python scripts/bench.py decode [--json]
     python scripts/bench.py quality [--json]   caption quality on real photographs (dev split)
+    python scripts/bench.py serve [--json]     captioner serve under load, batching on vs off
 
 Each subcommand lives in scripts/bench_<name>.py and exposes `main(argv) -> dict`.
 Results are recorded in BENCHMARKS.md together with the machine they ran on.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-COMMANDS = ("features", "train", "attention", "decode", "quality")
+COMMANDS = ("features", "train", "attention", "decode", "quality", "serve")
 
 
 def main() -> None:

@@ -193,6 +193,7 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
     """
     import tensorflow as tf
 
+    from captioner.models import packed_lstm
     from captioner.models.shared import output_cross_entropy
 
     output, rnn = model.get_layer("logits"), model.get_layer("rnn")
@@ -206,10 +207,15 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
         return tape.gradient(loss, [hidden, *output.trainable_weights])
 
     @tf.function(reduce_retracing=True)
-    def recurrent(embedded, mask):  # (B, T, E), (B, T)
+    def recurrent(embedded, mask):  # (B, T, E), (B, T): as MergeModel.train_step runs the RNN
         with tf.GradientTape() as tape:
             tape.watch(embedded)
-            loss = tf.reduce_sum(rnn(embedded, mask=mask))
+            if packed_lstm.supports(rnn):  # only the real positions, packed
+                packing = packed_lstm.pack(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1))
+                packed = tf.gather_nd(embedded, packing.index)
+                loss = tf.reduce_sum(packed_lstm.lstm_layer(rnn, packed, packing))
+            else:
+                loss = tf.reduce_sum(rnn(embedded, mask=mask))
         return tape.gradient(loss, [embedded, *rnn.trainable_weights])
 
     def step(inputs, targets):

@@ -144,6 +144,7 @@ def test_merge_trains_and_evaluates_on_a_dropped_in_grid_cache(tmp_path, flickr8
     run_dir = tmp_path / "runs" / "g"
     assert "features 3x5 grid of 7-d" in result.stderr
     assert read_json(run_dir / "features_meta.json")["grid"] == [3, 5]
+    assert "(weights hand-made), 3x5 grid of 7-d features" in (run_dir / "README.md").read_text()
 
     from captioner.rundir import load_run
 

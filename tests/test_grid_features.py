@@ -128,8 +128,11 @@ def test_vgg16_grid_is_block5_conv3_and_grid_size_averages_it(flickr8k_like):
         encoders.build_encoder(
             "vgg16", "none", "float32", 0, layout="grid", grid_size=3, image_size=64
         )
-    with pytest.raises(CaptionerError, match="fc2 vector needs 224x224 images, not 64"):
-        encoders.build_encoder("vgg16", "none", "float32", 0, image_size=64)
+    # fc2 at another size: random weights only (the first dense layer is sized for the map)
+    fc2 = encoders.build_encoder("vgg16", "none", "float32", 0, image_size=64)
+    assert fc2.row_shape == (4096,) and fc2.encode_files(paths[:1])[0].shape == (1, 4096)
+    with pytest.raises(CaptionerError, match="trained fc2 needs 224x224 images, not 64"):
+        encoders.build_encoder("vgg16", "imagenet", "float32", 0, image_size=64)
 
 
 @pytest.mark.slow  # extracts, trains and evaluates a tiny demo run (~1 min)
@@ -147,6 +150,7 @@ def test_a_grid_run_trains_from_scratch_and_captions_new_images_through_a_grid(t
         "demo.test_images": 6,
         "demo.image_size": 64,
         "features.layout": "grid",
+        "features.image_size": 0,  # the encoder's own 224 (configs/demo.toml says 112)
         "features.precision": "float32",
         "features.dtype": "float32",  # the cache's rows equal the encoder's: the same captions
         "model.units": 16,
@@ -165,6 +169,8 @@ def test_a_grid_run_trains_from_scratch_and_captions_new_images_through_a_grid(t
     cache = load_cache(data / "demo" / "features" / f"{SMALL}-grid")
     assert cache.features.shape == (56, 7, 7, 576)
     assert read_json(runs / "g" / "features_meta.json") == cache.meta
+    card = (runs / "g" / "README.md").read_text()
+    assert "7x7 grid of 576-d features (224x224 images)" in card
 
     run = load_run(runs / "g")
     assert (run.encoder.layout, run.encoder.row_shape) == ("grid", (7, 7, 576))

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from captioner.feature_cache import layout_of
 from captioner.io import atomic_write_bytes
 from captioner.runs import RunSummary, read_evaluations, read_run
 
@@ -84,6 +85,19 @@ def _get(files: dict, name: str, *keys: str, default: Any = "?") -> Any:
     return default if value is None else value
 
 
+def _features(meta: Any) -> str:
+    """The features, for the card: 4096-d features, or 7x7 grid of 512-d features (112x112
+    images) for a grid cache (features_meta.json)."""
+    meta = meta if isinstance(meta, dict) else {}
+    text = f"{meta.get('dim', '?')}-d features"
+    _, grid = layout_of(meta)
+    if grid is None:
+        return text
+    text = f"{grid[0]}x{grid[1]} grid of {text}"
+    size = meta.get("input_size")  # absent from caches made by other models
+    return f"{text} ({size[0]}x{size[-1]} images)" if isinstance(size, list) and size else text
+
+
 def _header(summary: RunSummary, files: dict) -> str:
     vocab = files["vocab"]
     epochs_done = f"{_text(summary.epoch)} of {_text(summary.epochs)} epochs"
@@ -97,7 +111,7 @@ def _header(summary: RunSummary, files: dict) -> str:
         "dataset": f"{summary.dataset or '?'}, split {_get(files, 'config', 'data', 'split')}",
         "encoder": (
             f"{summary.encoder or '?'} (weights {_get(files, 'features_meta', 'weights')}), "
-            f"{_get(files, 'features_meta', 'dim')}-d features, "
+            f"{_features(files.get('features_meta', {}))}, "
             f"{_get(files, 'features_meta', 'precision')}"
         ),
         "decoder": _decoder_row(summary.decoder, files),

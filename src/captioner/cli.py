@@ -20,6 +20,7 @@ from captioner.cli_options import (
     config_options,
     fail_cleanly,
     resolve,
+    run_option,
     start_tensorflow,
 )
 from captioner.limits import LIMITS
@@ -247,13 +248,7 @@ def train(
 
 
 @main.command()
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A run directory made by `captioner train`.",
-)
+@run_option
 @click.option("--split", default="test", show_default=True, help="train, dev or test.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--data-dir", default=None, help="Where the run's dataset lives, if moved.")
@@ -283,9 +278,22 @@ def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -
 @click.option("--runs-dir", default="runs", show_default=True, help="Where to look for runs.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of TSV.")
+@click.option(
+    "--attention",
+    "attention_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Also draw where each word looked: DIR/<image>.png per image (attention runs; "
+    "needs pip install 'captioner[plots]').",
+)
 @fail_cleanly
 def caption(
-    images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam: int | None, as_json: bool
+    images: tuple[str, ...],
+    runs: tuple[str, ...],
+    runs_dir: str,
+    beam: int | None,
+    as_json: bool,
+    attention_dir: str | None,
 ) -> None:
     """Caption images (files or folders) with one or several trained models.
 
@@ -293,15 +301,18 @@ def caption(
     Example:
       captioner caption photo.jpg
       captioner caption photos/ --model runs/f30k --model runs/f8k --beam 5 --json
+      captioner caption photo.jpg --model runs/f8k-attention --attention maps/
     """
     start_tensorflow()
     from captioner import caption as stage
 
-    failures = stage.caption_command(images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json)
+    failures = stage.caption_command(
+        images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json, attention_dir=attention_dir
+    )
     sys.exit(1 if failures else 0)
 
 
-for command in (cli_results.runs, cli_results.plot, cli_results.app):
+for command in (cli_results.runs, cli_results.plot, cli_results.app, cli_results.serve):
     main.add_command(command)
 
 

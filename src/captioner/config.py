@@ -126,11 +126,18 @@ class TrainConfig:
     # After an epoch whose validation loss did not improve, multiply the learning rate by this
     # (1 = constant). Chosen on real Flickr8k dev (README, "Defaults").
     lr_decay: float = 0.5
+    # Cross-entropy against (1 - e) one_hot + e / V, in the training and the dev loss. Chosen on
+    # real Flickr8k dev (README, "Defaults"): over two seeds, 0.1 gave BLEU-4 .191 against .181
+    # and CIDEr-D .452 against .444 (within seed-to-seed noise, never worse on average).
+    label_smoothing: float = 0.1
     precision: str = "float32"  # float32 | bfloat16 (mixed)
     runs_dir: str = "runs"
     name: str = ""  # run name; default <dataset>-<encoder>-<timestamp>
     strategy: str = "default"  # default | mirrored | multiworker
     shuffle_buffer: int = 0  # 0 = whole training set
+    # Dev images captioned (greedy) after every epoch for TensorBoard's dev BLEU-4 and CIDEr-D
+    # (monitor.py); 0 = none. 500 takes about a second per epoch on Flickr8k.
+    dev_scores: int = 500
 
 
 @dataclass(frozen=True)

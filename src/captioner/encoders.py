@@ -80,7 +80,14 @@ def load_image(path: str | Path, size: int = 224) -> np.ndarray:
     Like load_img: no EXIF rotation, alpha dropped, NEAREST resize. Unlike it, 16-bit images are
     scaled to 8 bits (Pillow's convert would clip them to white). Raises BadImage.
     """
-    data = read_image_file(path)
+    return decode_image(read_image_file(path), size)
+
+
+def decode_image(data: bytes, size: int = 224) -> np.ndarray:
+    """load_image for the bytes of an image file (an upload, say): (size, size, 3) uint8 RGB,
+    the same pixels as load_image gives for a file holding these bytes. Raises BadImage."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
     too_large = BadImage(
         f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels; "
         "resize it or raise PIL.Image.MAX_IMAGE_PIXELS"
@@ -161,6 +168,14 @@ class Encoder:
         # (B, S, S, 3) uint8 -> (B, *row_shape) float32, whatever the compute dtype.
         pixels = self._preprocess(tf.cast(images, tf.float32))
         return tf.cast(self.model(pixels, training=False), tf.float32)
+
+    def encode_images(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """Decoded images (N, size, size, 3) uint8 (decode_image's) -> features (N, D) float32,
+        `batch_size` images per inference call as encode_files runs them."""
+        parts = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(images), batch_size):
+            parts.append(self._infer(tf.constant(images[start : start + batch_size])).numpy())
+        return np.concatenate(parts)
 
     def _dataset(self, groups: Sequence[Sequence[str]], batch_size: int) -> tf.data.Dataset:
         """Batches of (images (B, H, W, 3) uint8, reasons (B,) string; b"" = decoded fine).
@@ -274,11 +289,12 @@ def build_encoder(
         )
     spec = ENCODERS[name]
     size = image_size or spec.size
-    if layout == "pooled" and spec.output != "avg" and size != spec.size:
+    if layout == "pooled" and spec.output != "avg" and size != spec.size and weights != "none":
+        # the first dense layer's weights are made for the trunk's output at spec.size
         raise CaptionerError(
-            f"features.image_size: {name}'s {spec.output} vector needs {spec.size}x{spec.size} "
+            f"features.image_size: {name}'s trained {spec.output} needs {spec.size}x{spec.size} "
             f"images, not {size}; cache its grid instead (features.layout=grid: a merge model "
-            "takes the grid's mean)"
+            "takes the grid's mean), or use random weights (--weights none)"
         )
     stamp = None
     if weights not in ("imagenet", "none"):

@@ -160,8 +160,8 @@ def _compute(
         size = plan["chunk_size"]  # resume on the same boundaries
     elif (out / "features.npy").is_file():
         log(f"{out}: features.npy without meta.json (unfinished or damaged); computing it again")
-    if settings["dtype"] == "auto":  # a plan's, or float16 for grids: (N, 14, 14, 512) is
-        # 6.4 GB for Flickr30k in float16 (a precision well above the features' own)
+    if settings["dtype"] == "auto":  # a plan's, or float16 for grids: Flickr30k's VGG16
+        # 14x14x512 grids are 6.4 GB in float16 (_stored refuses values float16 cannot hold)
         grid = settings["layout"] == "grid"
         settings["dtype"] = plan.get("dtype", "float16" if grid else "float32")
     chunk_names = [names[start : start + size] for start in range(0, len(names), size)]

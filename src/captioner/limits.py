@@ -79,9 +79,11 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "train.learning_rate": Range(0, 10, open_low=True),
     "train.patience": Range(0, 100_000),  # 0 = no early stopping
     "train.lr_decay": Range(0, 1, open_low=True),
+    "train.label_smoothing": Range(0, 1, open_high=True),
     "train.precision": ("float32", "bfloat16"),
     "train.strategy": ("default", "mirrored", "multiworker"),
     "train.shuffle_buffer": Range(0, COUNT),  # 0 = the whole training set
+    "train.dev_scores": Range(0, COUNT),  # 0 = no dev scores in TensorBoard
     "decode.beam": Range(1, 100),
     "decode.length_penalty": Range(0, 10),
     "decode.no_repeat_ngram": Range(0, 100),

@@ -270,31 +270,43 @@ class LoadedRun:
         """Captions for features of this run's encoder, rows as its cache or encoder gives them
         ((N, D) or (N, H, W, C): feature_cache.for_decoder shapes them for the run's decoder);
         `decoding` defaults to the run's own settings (decode_settings())."""
+        return [self.vocab.decode(words) for words in self.decode_features(features, decoding)]
+
+    def decode_features(
+        self, features: np.ndarray, decoding: DecodeSettings | None = None, attention=False
+    ) -> Any:
+        """decode.decode on such features: N lists of word ids, or with `attention` (ids, maps)
+        (maps None for a decoder without attention; decode.py says their shape)."""
         from captioner import decode
         from captioner.feature_cache import for_decoder
         from captioner.models import features_of
 
         if len(features) == 0:
-            return []
+            return ([], []) if attention else []
         decoder = self.cfg.model.decoder
         features = for_decoder(features, features_of(decoder), decoder)
         settings = decoding or self.decode_settings()
-        ids = decode.decode(self.model, features, **settings.to_dict())
-        return [self.vocab.decode(words) for words in ids]
+        return decode.decode(self.model, features, **settings.to_dict(), attention=attention)
 
     def caption_files(
         self, paths: Sequence[str | Path], decoding: DecodeSettings | None = None
     ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """([(path, caption)] for readable images, [(path, reason)] for the others)."""
+        features, ok_paths, failures = self.encode_files(paths)
+        captions = self.caption_features(features, decoding)
+        return list(zip(ok_paths, captions, strict=True)), failures
+
+    def encode_files(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list, list]:
+        """(features of the readable images, from the run's encoder; their paths; [(path,
+        reason)] for the others)."""
         if self.encoder is None:
             raise CaptionerError(f"{self.run_dir}: loaded without its encoder; use load_run()")
         if not paths:
-            return [], []
+            return np.zeros((0, 0), np.float32), [], []
         features, ok_paths, failures = self.encoder.encode_files(
             [str(p) for p in paths], batch_size=self.cfg.features.batch_size
         )
-        captions = self.caption_features(features, decoding)
-        return list(zip(ok_paths, captions, strict=True)), list(failures)
+        return features, ok_paths, list(failures)
 
 
 def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
@@ -345,13 +357,8 @@ def _run_encoder(meta: dict, run_dir: Path):
             f"{run_dir / 'features_meta.json'}: no {error} entry; "
             "retrain with the current captioner"
         ) from None
-    layout, grid = layout_of(meta)
+    layout, grid = layout_of(meta)  # the cache's grid: as computed, or pooled to it
+    size = {"grid_size": grid[0] if grid else 0, "image_size": (meta.get("input_size") or [0])[0]}
     return build_encoder(
-        name,
-        weights,
-        meta.get("precision", "auto"),
-        seed=meta.get("seed") or 0,
-        layout=layout,
-        grid_size=grid[0] if grid else 0,  # the cache's grid: as computed, or pooled to it
-        image_size=(meta.get("input_size") or [0])[0],
+        name, weights, meta.get("precision", "auto"), meta.get("seed") or 0, layout=layout, **size
     )

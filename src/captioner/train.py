@@ -70,7 +70,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             caption_model = models.load_saved(run_dir / state["checkpoint"], "start a new run")
         else:
             caption_model = _new_model(cfg, cache, train_rows, vocab.size)
+    caption_model.label_smoothing = cfg.train.label_smoothing  # read when fit traces its steps
     checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, cfg.train.lr_decay, write=chief)
+    # after the checkpoint each epoch: TensorBoard logs, dev scores, clock (monitor.py)
+    callbacks = [checkpoint, *(monitor.callbacks(run_dir, cfg, cache, vocab) if chief else [])]
     if cfg.train.strategy == "multiworker":
         distribute.fit_multiworker(
             strategy,
@@ -79,11 +82,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
             dev_data,
             cfg.train.epochs,
             state["epoch"],
-            checkpoint,
+            callbacks,
         )
     else:
-        # after the checkpoint each epoch: TensorBoard logs, dev captions, clock (monitor.py)
-        callbacks = [checkpoint, *(monitor.callbacks(run_dir, cfg, cache, vocab) if chief else [])]
         _fit(caption_model, train_data, dev_data, cfg.train.epochs, state["epoch"], callbacks)
     log(f"{run_dir}: best val_loss {state['best_val_loss']:.4f} at epoch {state['best_epoch']}")
     if chief and state["finished"]:

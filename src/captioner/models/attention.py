@@ -194,7 +194,7 @@ class AttentionModel(FusedOutputModel):
         deep = deep_output(self, embedded, hidden, context, training)  # (N, E)
         labels = tf.gather_nd(targets, packing.index)  # (N,)
         output = self.get_layer("logits")
-        loss = output_cross_entropy(deep, output.kernel, output.bias, labels)
+        loss = output_cross_entropy(deep, output.kernel, output.bias, labels, self.label_smoothing)
         count = tf.shape(labels)[0]
         if not cell.doubly_stochastic:
             return loss, loss, count

@@ -11,8 +11,10 @@ Because the RNN is causal, logits[:, t] equals what the reference approach's one
 model outputs for the prefix tokens[:, :t+1] with the same weights (tests/test_model.py shows it).
 
 Speed: `fit` and `evaluate` compute the output layer only at the real target positions of a
-batch, fused with the loss (models/shared.py: FusedOutputModel, output_cross_entropy). The loss
-is the compiled one: cross-entropy averaged over real words. `predict` and `model(inputs)` still
+batch, fused with the loss (models/shared.py: FusedOutputModel, output_cross_entropy). With an
+LSTM the layers below it see only those positions too (_packed_hidden, packed_lstm.py): a
+shuffled batch is about half padding. The loss is the compiled one: cross-entropy averaged over
+real words. `predict` and `model(inputs)` still run the functional graph (Keras' LSTM) and
 return logits at every position.
 
 MergeDecoder at the bottom is this model's side of the decoder interface (models/decoder.py):
@@ -31,6 +33,7 @@ from keras import layers, ops
 
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
+from captioner.models import packed_lstm
 from captioner.models.shared import (
     FusedOutputModel,
     OutputDecoder,
@@ -65,6 +68,16 @@ class MergeImageText(layers.Layer):
         return sequence_shape
 
 
+def image_vector(model: keras.Model, features, training: bool):
+    """(B, D) features -> the image branch's (B, U) vector, in the dtype the merge layer adds
+    it in: [feature_norm] -> image_dropout -> image_dense, the layers of build_model."""
+    x = features
+    if any(layer.name == "feature_norm" for layer in model.layers):
+        x = model.get_layer("feature_norm")(x)
+    x = model.get_layer("image_dropout")(x, training=training)
+    return ops.cast(model.get_layer("image_dense")(x), model.get_layer("merge").compute_dtype)
+
+
 @keras.saving.register_keras_serializable(package="captioner")
 class MergeModel(FusedOutputModel):
     """The functional merge model whose fit/evaluate skip the output layer at padding."""
@@ -78,13 +91,38 @@ class MergeModel(FusedOutputModel):
         """The cross-entropy over the N non-padding targets of a batch (also the objective), N."""
         import tensorflow as tf
 
-        hidden = self._hidden_model(inputs, training=training)  # (B, T, U)
-        real = ops.not_equal(targets, PAD_ID)  # (B, T)
-        hidden = tf.boolean_mask(hidden, real)  # (N, U)
-        labels = tf.boolean_mask(targets, real)  # (N,)
+        if packed_lstm.supports(self.get_layer("rnn")):
+            hidden, labels = self._packed_hidden(inputs, targets, training)
+        else:  # a GRU: every layer over the padded batch, then the real positions
+            hidden = self._hidden_model(inputs, training=training)  # (B, T, U)
+            real = ops.not_equal(targets, PAD_ID)  # (B, T)
+            hidden = tf.boolean_mask(hidden, real)  # (N, U)
+            labels = tf.boolean_mask(targets, real)  # (N,)
         output = self.get_layer("logits")
-        loss = output_cross_entropy(hidden, output.kernel, output.bias, labels)
+        loss = output_cross_entropy(
+            hidden, output.kernel, output.bias, labels, self.label_smoothing
+        )
         return loss, loss, tf.shape(labels)[0]
+
+    def _packed_hidden(self, inputs, targets, training: bool):
+        """decoder_dense's output (N, U) and the targets (N,) at the N real positions only.
+
+        The same layers and function as _hidden_model, but the text side runs on the batch packed
+        (packed_lstm.py): the LSTM and the layers after it never compute a padding position,
+        where _hidden_model's Keras LSTM steps every row to the longest caption (B x T, about
+        twice N for shuffled batches). Positions after a caption's end cannot change earlier
+        outputs (the LSTM is causal), so the real positions' values are the same.
+        """
+        import tensorflow as tf
+
+        lengths = tf.reduce_sum(tf.cast(ops.not_equal(targets, PAD_ID), tf.int32), axis=1)  # (B,)
+        packing = packed_lstm.pack(lengths)
+        embedded = self.get_layer("embedding")(tf.gather_nd(inputs["tokens"], packing.index))
+        embedded = self.get_layer("text_dropout")(embedded, training=training)  # (N, E)
+        sequence = packed_lstm.lstm_layer(self.get_layer("rnn"), embedded, packing)  # (N, U)
+        image = image_vector(self, inputs["features"], training)  # (B, U)
+        merged = tf.gather(image, packing.index[:, 0]) + sequence  # MergeImageText, packed
+        return self.get_layer("decoder_dense")(merged), tf.gather_nd(targets, packing.index)
 
 
 def build_model(
@@ -152,10 +190,8 @@ class MergeDecoder(OutputDecoder):
     def start(self, features) -> tuple:
         """(B, D) features -> the state before <start>: the image vector, as in inference (dropout
         off) and in the dtype the merge layer adds it in, and a zero RNN state."""
-        model, x = self.model, features
-        if any(layer.name == "feature_norm" for layer in model.layers):
-            x = model.get_layer("feature_norm")(x)
-        image = ops.cast(model.get_layer("image_dense")(x), model.get_layer("merge").compute_dtype)
+        model = self.model
+        image = image_vector(model, features, training=False)
         rnn = model.get_layer("rnn")
         zeros = ops.zeros((ops.shape(features)[0], rnn.units), dtype=rnn.compute_dtype)
         return (image,), ((zeros, zeros) if isinstance(rnn, layers.LSTM) else (zeros,))
