@@ -98,14 +98,15 @@ def test_step_by_step_decoding_equals_the_whole_caption_logits(captions, small_m
     assert np.abs(np.diff(full, axis=1)).max() > 0.1  # the steps differ: not a constant model
 
 
-def test_the_training_loop_has_the_outputs_and_gradients_of_stepping_one_word_at_a_time():
-    """attention_loop.captions (rows sorted by length, ended rows skipped, the backward pass
-    written by hand) against autodiff through a plain Python loop of the decoding step over
-    every row, whose outputs past each caption's end are masked to zeros."""
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_the_training_loop_has_the_outputs_and_gradients_of_stepping_one_word_at_a_time(graph):
+    """attention_loop.captions (packed: rows sorted by length, ended rows skipped, the backward
+    pass written by hand) against autodiff through a plain Python loop of the decoding step over
+    every row, whose outputs past each caption's end are masked to zeros; eagerly and traced."""
     rng = np.random.default_rng(0)
-    batch, steps, embed, units, regions_count, channels = 5, 7, 4, 8, 6, 3
+    batch, steps, embed, units, regions_count, channels = 6, 7, 4, 8, 6, 3
     cell = attention.AttentionLSTM(units, 5)
-    lengths = np.array([4, 7, 1, 6, 4])  # unsorted, a tie, one full-length, one of 1
+    lengths = np.array([4, 7, 1, 6, 4, 0])  # unsorted, a tie, one full-length, one of 1, empty
     tokens = (np.arange(steps)[None, :] < lengths[:, None]).astype(np.int32) * 5
     embedded = tf.constant(rng.normal(size=(batch, steps, embed)), tf.float32)
     regions = tf.constant(rng.normal(size=(batch, regions_count, channels)), tf.float32)
@@ -123,20 +124,24 @@ def test_the_training_loop_has_the_outputs_and_gradients_of_stepping_one_word_at
         real = tf.constant(tokens != 0, tf.float32)[:, :, None]
         return [tf.stack(parts, axis=1) * real for parts in zip(*outputs, strict=True)]
 
-    results = []
-    for run in (lambda *x: cell(*x[:1], regions, *x[1:], tokens), stepped):
+    def outputs_and_gradients(run):
         with tf.GradientTape() as tape:
             tape.watch([embedded, h0, c0])
             outputs = run(embedded, h0, c0)
             loss = sum(tf.reduce_sum(o * w) for o, w in zip(outputs, upstream, strict=True))
         sources = [embedded, h0, c0, *cell.trainable_weights]
-        results.append((outputs, tape.gradient(loss, sources)))
-    (ours, our_gradients), (expected, expected_gradients) = results
+        return outputs, [tf.convert_to_tensor(g) for g in tape.gradient(loss, sources)]
+
+    def packed():
+        return outputs_and_gradients(lambda x, h, c: cell(x, regions, h, c, tokens))
+
+    ours, our_gradients = (tf.function(packed) if graph else packed)()
+    expected, expected_gradients = outputs_and_gradients(stepped)
     for a, b in zip(ours, expected, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
     names = ["embedded", "h0", "c0", *(w.path for w in cell.trainable_weights)]
     for name, a, b in zip(names, our_gradients, expected_gradients, strict=True):
-        a, b = tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy()
+        a, b = a.numpy(), b.numpy()
         assert np.abs(b).max() > 1e-3, name  # every input and weight gets a real gradient
         np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), err_msg=name)
 

@@ -39,7 +39,7 @@ from keras import layers, ops
 
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
-from captioner.models import attention_loop
+from captioner.models import attention_loop, packed_lstm
 from captioner.models.shared import (
     FusedOutputModel,
     OutputDecoder,
@@ -132,21 +132,22 @@ class AttentionLSTM(layers.Layer):
         return out["h"], out["c"], out["context"], out["alpha"]
 
     # --- training: whole captions ------------------------------------------------------------
-    def packed(self, embedded, regions, h0, c0, packing: attention_loop.Packing) -> tuple:
+    def packed(self, embedded, regions, h0, c0, packing: packed_lstm.Packing) -> tuple:
         """The loop over whole captions on their real positions only (attention_loop.captions):
         embedded (N, E) packed by `packing`; regions (B, L, C), h0, c0 (B, U) in batch order.
         -> h (N, U), context z (N, C), alpha (N, L), packed."""
         import tensorflow as tf
 
-        regions = tf.gather(regions, packing.order)
+        rows = attention_loop.first_rows(packing)
+        regions = tf.gather(regions, rows)
         # once per batch: the regions' attention projection and all words' share of the gates
         return attention_loop.captions(
             self.token_gates(embedded),  # (N, 4U)
             regions,
             self.project_regions(regions),  # (B, L, A)
-            tf.gather(h0, packing.order),
-            tf.gather(c0, packing.order),
-            packing.sizes,
+            tf.gather(h0, rows),
+            tf.gather(c0, rows),
+            packing,
             self.step_weights(),
         )
 
@@ -155,7 +156,7 @@ class AttentionLSTM(layers.Layer):
         caption's positions are not computed at all and its outputs there are zeros."""
         import tensorflow as tf
 
-        packing = attention_loop.pack(tf.reduce_sum(tf.cast(tokens != PAD_ID, tf.int32), axis=1))
+        packing = packed_lstm.pack(tf.reduce_sum(tf.cast(tokens != PAD_ID, tf.int32), axis=1))
         outputs = self.packed(tf.gather_nd(embedded, packing.index), regions, h0, c0, packing)
         padded = tf.shape(tokens)
         # (B, T, U), (B, T, C), (B, T, L)
@@ -186,7 +187,7 @@ class AttentionModel(FusedOutputModel):
         import tensorflow as tf
 
         real = ops.not_equal(targets, PAD_ID)  # (B, T)
-        packing = attention_loop.pack(tf.reduce_sum(tf.cast(real, tf.int32), axis=1))
+        packing = packed_lstm.pack(tf.reduce_sum(tf.cast(real, tf.int32), axis=1))
         regions, h0, c0 = image_state(self, inputs["features"])
         embedded = self.get_layer("embedding")(tf.gather_nd(inputs["tokens"], packing.index))
         cell = self.get_layer("attention_lstm")

@@ -8,13 +8,17 @@ multiplied once for all three); context (C, 4U), the context's share of the LSTM
 (A, 1), the attention's w; gate_bias (1,). The LSTM's gates are in Keras' order (input, forget,
 cell, output), the bias of the words' share (the caller's gates_in) included there.
 
-Why a hand-written backward pass: autodiff of a tf.while_loop adds, at every step, the full-size
-gradient of every tensor the loop reads into an accumulator: the projected regions (B, L, A) and
-each weight, whether or not the step used all of it. Here the backward loop touches only the n_t
-rows still in their caption, the gradient of the projected regions is one segment sum after the
-loop, and each weight's gradient one matmul over all steps' rows. 1.15x (7x7) to 1.4x (14x14)
-faster than autodiff on real caption lengths (docs/ATTENTION.md); tests/test_attention.py checks
-that the gradients equal autodiff's through the step-by-step model.
+Training runs on the packed layout of models/packed_lstm.py (only the real positions, N of
+them, step t on the first n_t rows of the batch sorted longest first), with a hand-written
+backward pass: autodiff of a tf.while_loop adds, at every step, the full-size gradient of every
+tensor the loop reads into an accumulator (the projected regions (B, L, A), each weight). Here
+the backward loop is packed_lstm.backward's LSTM recurrence, its gradient for h_{t-1} adding the
+attention's and the gate's (`earlier`); the projected regions' gradient is summed row by row in
+the loop, growing with the rows as the state's gradient does; each weight's gradient is one
+matmul over all N positions after the loop; what needs no recurrence (the LSTM's gate
+derivatives, h_{t-1}, c_{t-1}) is computed for all positions at once. docs/ATTENTION.md has the
+costs; tests/test_attention.py checks the outputs and gradients against autodiff through the
+step-by-step model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from keras import ops
+
+from captioner.models import packed_lstm
+from captioner.models.packed_lstm import Packing
 
 
 class Weights(NamedTuple):
@@ -73,191 +80,152 @@ def step(gates_in, h, c, regions, projected, weights: Weights) -> dict:
     }
 
 
-SAVED = ("h_prev", "c_prev", "act", "tanh_c", "energy", "alpha", "gate", "raw")  # per step
+SAVED = ("h", "c", "context", "alpha", "act", "gate", "raw", "energy")  # per step
 
 
-class Packing(NamedTuple):
-    """Where the real positions of a post-padded (B, T) batch go when packed: step by step, the
-    rows still in their caption at that step, longest caption first (PyTorch's PackedSequence).
-
-    order (B,): the batch's rows, longest caption first. sizes (T,): how many are still going at
-    each step. index (N, 2): (row, step) of each packed position, so tf.gather_nd(padded, index)
-    packs any (B, T, ...) tensor and tf.scatter_nd(index, packed, (B, T, ...)) unpacks it.
-    """
-
-    order: object
-    sizes: object
-    index: object
-
-
-def pack(lengths) -> Packing:
-    """The packing of a batch whose rows have these lengths (B,) (real positions first)."""
+def first_rows(packing: Packing):
+    """The batch rows in step 0's order: the captions longest first (any of length 0 left out),
+    the order `captions` wants the images' rows in."""
     import tensorflow as tf
 
-    lengths = tf.cast(lengths, tf.int32)
-    order = tf.argsort(lengths, direction="DESCENDING", stable=True)
-    steps = tf.range(tf.reduce_max(tf.concat([lengths, [0]], 0)))[:, None]  # (T, 1)
-    real = steps < tf.gather(lengths, order)[None, :]  # (T, B), longest first
-    rows = tf.boolean_mask(tf.broadcast_to(order[None, :], tf.shape(real)), real)
-    at = tf.boolean_mask(tf.broadcast_to(steps, tf.shape(real)), real)
-    return Packing(order, tf.reduce_sum(tf.cast(real, tf.int32), 1), tf.stack([rows, at], 1))
+    return packing.index[: tf.reduce_max(tf.concat([packing.sizes, [0]], 0)), 0]
 
 
-def captions(gates_in, regions, projected, h0, c0, sizes, weights: Weights) -> tuple:
-    """The loop over whole captions, for training, on packed positions (Packing): gates_in
-    (N, 4U); regions (B, L, C), projected (B, L, A), h0, c0 (B, U), their rows longest caption
-    first; sizes (T,) the rows still going at each step: step t runs on the first sizes[t] rows.
+def captions(gates_in, regions, projected, h0, c0, packing: Packing, weights: Weights) -> tuple:
+    """The loop over whole captions, for training, on their real positions packed by `packing`
+    (models/packed_lstm.py): step t runs on the first sizes[t] rows. gates_in (N, 4U) packed;
+    regions (B, L, C), projected (B, L, A), h0, c0 (B, U) with their rows in step 0's order
+    (first_rows).
 
     -> hs (N, U), zs (N, C), alphas (N, L), packed. Differentiable in everything but regions.
     """
     import tensorflow as tf
 
     regions = tf.stop_gradient(regions)  # image features: nothing upstream of them learns
-    units, attention = h0.shape[-1], projected.shape[-1]
-    regions_count, channels = regions.shape[1], regions.shape[2]
-    widths = {
-        "h_prev": [units],
-        "c_prev": [units],
-        "act": [4 * units],
-        "tanh_c": [units],
-        "energy": [1, regions_count, attention],
-        "alpha": [regions_count],
-        "gate": [1],
-        "raw": [channels],
-    }
-    steps = tf.shape(sizes)[0]
-    offsets = tf.cumsum(sizes, exclusive=True)  # where each step's rows start
-
-    def blocks(*shape):  # one element per step, of sizes[t] rows
-        element = tf.TensorShape([None, *shape])
-        return tf.TensorArray(tf.float32, size=steps, infer_shape=False, element_shape=element)
-
-    def packed(array, *shape):  # the steps' blocks one after the other: (N, ...)
-        return tf.ensure_shape(
-            tf.cond(array.size() > 0, array.concat, lambda: tf.zeros([0, *shape])), [None, *shape]
-        )
 
     @tf.custom_gradient
     def run(gates_in, projected, h0, c0, recurrent, context, score, gate_bias):
         weights = Weights(recurrent, context, score, gate_bias)
-
-        def forward(t, h, c, outputs, saved):
-            start, n = offsets[t], sizes[t]
-            h, c = h[:n], c[:n]
-            out = step(gates_in[start : start + n], h, c, regions[:n], projected[:n], weights)
-            values = {**out, "h_prev": h, "c_prev": c}
-            saved = tuple(a.write(t, values[name]) for a, name in zip(saved, SAVED, strict=True))
-            names = ("h", "context", "alpha")
-            outputs = tuple(a.write(t, out[name]) for a, name in zip(outputs, names, strict=True))
-            return t + 1, out["h"], out["c"], outputs, saved
-
-        state = tf.TensorShape([None, units])
-        *_, outputs, saved = tf.while_loop(
-            lambda t, *_: t < steps,
-            forward,
-            (
-                tf.constant(0),
-                h0,
-                c0,
-                (blocks(units), blocks(channels), blocks(regions_count)),
-                tuple(blocks(*widths[name]) for name in SAVED),
-            ),
-            shape_invariants=(tf.TensorShape([]), state, state, (None,) * 3, (None,) * 8),
-        )
-        hs, zs, alphas = (
-            packed(a, n) for a, n in zip(outputs, (units, channels, regions_count), strict=True)
-        )
+        saved = _forward(gates_in, regions, projected, h0, c0, packing.sizes, weights)
+        outputs = saved["h"], saved["context"], saved["alpha"]
 
         def gradient(*upstream):
-            d_hs, d_zs, d_alphas = (
+            d_outputs = (
                 tf.zeros_like(like) if d is None else d
-                for d, like in zip(upstream, (hs, zs, alphas), strict=True)
+                for d, like in zip(upstream, outputs, strict=True)
             )
-            return _backward(
-                (d_hs, d_zs, d_alphas), saved, zs, sizes, offsets, regions, weights, blocks, packed
-            )
+            return _backward(*d_outputs, saved, regions, h0, c0, packing, weights)
 
-        return (hs, zs, alphas), gradient
+        return outputs, gradient
 
     # tensors, not variables: what the loop reads comes in as arguments, and so do its gradients
     return run(gates_in, projected, h0, c0, *(tf.identity(weight) for weight in weights))
 
 
-def _backward(upstream, saved, zs, sizes, offsets, regions, weights, blocks, packed) -> tuple:
-    """The gradients of `captions` for gates_in, projected, h0, c0 and the weights, from those of
-    its packed outputs; from the last step to the first."""
+def _forward(gates_in, regions, projected, h0, c0, sizes, weights: Weights) -> dict:
+    """The steps forwards -> {name in SAVED: packed (N, ...)}; "energy" (n_t, 1, L, A) per step
+    stays a TensorArray, read back step by step (its concatenation would be a large copy)."""
     import tensorflow as tf
 
-    d_hs, d_zs, d_alphas = upstream
-    steps, batch = tf.shape(sizes)[0], tf.shape(regions)[0]
-    units, attention = weights.recurrent.shape[0], weights.score.shape[0]
-    regions_count = regions.shape[1]
-    score_row = tf.reshape(weights.score, (1, 1, -1))
+    units, attention = h0.shape[-1], projected.shape[-1]
+    regions_count, channels = regions.shape[1], regions.shape[2]
+    shapes = {
+        "h": [units],
+        "c": [units],
+        "context": [channels],
+        "alpha": [regions_count],
+        "act": [4 * units],
+        "gate": [1],
+        "raw": [channels],
+        "energy": [1, regions_count, attention],
+    }
+    steps = tf.shape(sizes)[0]
 
-    def back(t, dh, dc, d_score, collected):
-        start, n = offsets[t], sizes[t]
-        h_prev, c_prev, act, tanh_c, energy, alpha, gate, raw = (a.read(t) for a in saved)
-        energy = energy[:, 0]  # (n, L, A): one hypothesis per image in training
-        grow = [[0, n - tf.shape(dh)[0]], [0, 0]]  # captions ending at t: nothing from t + 1
-        dh = tf.pad(dh, grow) + d_hs[start : start + n]
-        i, f, g, o = tf.split(act, 4, 1)
-        dc = tf.pad(dc, grow) + tf.raw_ops.TanhGrad(y=tanh_c, dy=dh * o)
-        d_act = tf.concat([dc * g, dc * c_prev, dc * i, dh * tanh_c], 1)
-        sigmoid_grad = tf.raw_ops.SigmoidGrad(y=act, dy=d_act)  # right for i, f, o
-        dz = tf.concat(
-            [
-                sigmoid_grad[:, : 2 * units],
-                tf.raw_ops.TanhGrad(y=g, dy=dc * i),
-                sigmoid_grad[:, 3 * units :],
-            ],
-            1,
-        )  # (n, 4U)
-        d_context = tf.matmul(dz, weights.context, transpose_b=True) + d_zs[start : start + n]
-        d_gate = tf.reduce_sum(d_context * raw, 1, keepdims=True)
-        d_alpha = d_alphas[start : start + n]
-        d_alpha += tf.einsum("blc,bc->bl", regions[:n], d_context * gate)
-        d_scores = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, 1, keepdims=True))  # (n, L)
-        d_score += tf.matmul(
-            tf.reshape(energy, (-1, attention)), tf.reshape(d_scores, (-1, 1)), transpose_a=True
-        )
-        d_pre = tf.raw_ops.TanhGrad(y=energy, dy=d_scores[:, :, None] * score_row)  # (n, L, A)
-        d_both = tf.concat(
-            [dz, tf.reduce_sum(d_pre, 1), tf.raw_ops.SigmoidGrad(y=gate, dy=d_gate)], 1
-        )  # the gradient of h_prev @ recurrent, (n, 4U + A + 1)
-        values = (dz, d_pre, d_both, h_prev)
-        collected = tuple(a.write(t, v) for a, v in zip(collected, values, strict=True))
-        dh = tf.matmul(d_both, weights.recurrent, transpose_b=True)
-        return t - 1, dh, dc * f, d_score, collected
+    def forward(t, start, h, c, arrays):
+        size = sizes[t]  # the captions still going: the first `size` rows
+        h, c = h[:size], c[:size]
+        word = gates_in[start : start + size]
+        out = step(word, h, c, regions[:size], projected[:size], weights)
+        arrays = tuple(a.write(t, out[name]) for a, name in zip(arrays, SAVED, strict=True))
+        return t + 1, start + size, out["h"], out["c"], arrays
 
     state = tf.TensorShape([None, units])
-    none = tf.zeros([0, units])
-    both = 4 * units + attention + 1
-    collected = (
-        blocks(4 * units),
-        blocks(regions_count, attention),
-        blocks(both),
-        blocks(units),
+    *_, arrays = tf.while_loop(
+        lambda t, *_: t < steps,
+        forward,
+        (
+            tf.constant(0),
+            tf.constant(0),
+            h0,
+            c0,
+            tuple(packed_lstm.blocks(steps, tf.float32, shapes[name]) for name in SAVED),
+        ),
+        shape_invariants=(tf.TensorShape([]), tf.TensorShape([]), state, state, (None,) * 8),
     )
-    _, dh0, dc0, d_score, collected = tf.while_loop(
-        lambda t, *_: t >= 0,
-        back,
-        (steps - 1, none, none, tf.zeros_like(weights.score), collected),
-        shape_invariants=(tf.TensorShape([]), state, state, weights.score.shape, (None,) * 4),
+    saved = {
+        name: packed_lstm.concat(array, shapes[name], tf.float32)
+        for name, array in zip(SAVED, arrays, strict=True)
+        if name != "energy"
+    }
+    return {**saved, "energy": arrays[-1]}
+
+
+def _backward(d_hs, d_zs, d_alphas, saved, regions, h0, c0, packing, weights) -> tuple:
+    """The gradients of `captions` for gates_in, projected, h0, c0 and the weights, from those of
+    its packed outputs: the LSTM's recurrence backwards (packed_lstm.backward), whose gradient
+    for h_{t-1} adds the attention's and the gate's; each weight's gradient one matmul over all
+    positions after the loop."""
+    import tensorflow as tf
+
+    units, attention = weights.recurrent.shape[0], weights.score.shape[0]
+    regions_count = regions.shape[1]
+    energies, gates, alphas, raws = (saved[name] for name in ("energy", "gate", "alpha", "raw"))
+    score = tf.reshape(weights.score, (-1,))  # (A,)
+    # transposed once here, not inside the loop's matmuls (which are slower transposing)
+    recurrent_t, context_t = (tf.transpose(w) for w in (weights.recurrent, weights.context))
+
+    def earlier(t, d_z, take, size):
+        """d h_{t-1} (n, U) through the gates z, the attention and the gate beta at step t."""
+        energy = energies.read(t)  # (n, 1, L, A): one hypothesis per image in training
+        gate, alpha = take(gates), take(alphas)
+        d_context = tf.matmul(d_z, context_t) + take(d_zs)  # (n, C)
+        d_gate = tf.reduce_sum(d_context * take(raws), 1, keepdims=True)  # (n, 1)
+        d_alpha = take(d_alphas) + tf.linalg.matvec(regions[:size], d_context * gate)  # (n, L)
+        d_scores = alpha * (d_alpha - tf.reduce_sum(alpha * d_alpha, 1, keepdims=True))
+        # d_pre / w, the gradient of the energy's input but for the factor w (A,) on its last
+        # axis, which is applied after the sums over regions and steps: one pass fewer
+        d_pre = tf.raw_ops.TanhGrad(
+            y=energy, dy=tf.broadcast_to(d_scores[:, None, :, None], tf.shape(energy))
+        )  # (n, 1, L, A)
+        d_both = tf.concat(
+            [d_z, tf.reduce_sum(d_pre, [1, 2]) * score, tf.raw_ops.SigmoidGrad(y=gate, dy=d_gate)],
+            1,
+        )  # the gradient of h_{t-1} @ recurrent, (n, 4U + A + 1)
+        d_score = tf.matmul(tf.reshape(d_scores, (1, -1)), tf.reshape(energy, (-1, attention)))
+        return tf.matmul(d_both, recurrent_t), (d_both, d_score), (d_pre[:, 0],)
+
+    gates_after = tf.split(saved["act"], 4, axis=1)  # i, f, g, o
+    c_before = packed_lstm.before(saved["c"], packing.previous, c0)
+    factors, d_c_from_h = packed_lstm.gate_factors(gates_after, c_before, saved["c"])
+    d_z, d_h0, d_c0, (d_both, d_score), (d_projected,) = packed_lstm.backward(
+        d_hs,
+        factors,
+        d_c_from_h,
+        gates_after[1],
+        packing.sizes,
+        weights.recurrent,
+        earlier,
+        collect=([4 * units + attention + 1], [attention]),
+        sums=([regions_count, attention],),
     )
-    dz, d_pre, d_both, h_prev = (
-        packed(a, *shape)
-        for a, shape in zip(
-            collected, ([4 * units], [regions_count, attention], [both], [units]), strict=True
-        )
-    )
-    rest = [[0, batch - tf.shape(dh0)[0]], [0, 0]]  # rows of empty captions: no gradient
+    h_before = packed_lstm.before(saved["h"], packing.previous, h0)
     return (
-        dz,  # gates_in, packed like it
-        tf.math.unsorted_segment_sum(d_pre, tf.ragged.range(sizes).flat_values, batch),
-        tf.pad(dh0, rest),
-        tf.pad(dc0, rest),
-        tf.matmul(h_prev, d_both, transpose_a=True),  # recurrent
-        tf.matmul(zs, dz, transpose_a=True),  # context: zs are the contexts z_t
-        d_score,
+        d_z,  # gates_in, packed like it
+        d_projected * score,  # projected: the rows' sums over the steps, times w
+        d_h0,
+        d_c0,
+        tf.matmul(h_before, d_both, transpose_a=True),  # recurrent
+        tf.matmul(saved["context"], d_z, transpose_a=True),  # context
+        tf.reshape(tf.reduce_sum(d_score, 0), (attention, 1)),  # score
         tf.reduce_sum(d_both[:, -1:], 0),  # gate_bias
     )

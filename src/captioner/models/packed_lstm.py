@@ -96,17 +96,11 @@ def lstm(inputs, packing: Packing, kernel, recurrent_kernel, bias):
         z, hs, cs = _forward(projected, packing.sizes, recurrent_kernel)  # (N, 4U), (N, U) x 2
 
         def gradient(d_hs):
-            h_before, c_before = (_before(states, packing.previous) for states in (hs, cs))
+            h_before, c_before = (before(states, packing.previous) for states in (hs, cs))
             i, f, g, o = tf.split(z, 4, axis=1)
-            i, f, g, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
-            tanh_c = tf.tanh(cs)
-            # d z = [d c * d c/d z_i, d c * ..f, d c * ..g, d h * d h/d z_o]: factors without
-            # recurrence, computed for all positions at once
-            factors = tf.concat(
-                [g * i * (1 - i), c_before * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], 1
-            )  # (N, 4U)
-            d_c_from_h = o * (1 - tanh_c * tanh_c)
-            d_z = _backward(d_hs, factors, d_c_from_h, f, packing.sizes, recurrent_kernel)
+            gates = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+            factors, d_c_from_h = gate_factors(gates, c_before, cs)
+            d_z, *_ = backward(d_hs, factors, d_c_from_h, gates[1], packing.sizes, recurrent_kernel)
             return (
                 tf.matmul(d_z, kernel, transpose_b=True),  # (N, E)
                 tf.matmul(inputs, d_z, transpose_a=True),  # (E, 4U)
@@ -124,10 +118,14 @@ def lstm(inputs, packing: Packing, kernel, recurrent_kernel, bias):
     )
 
 
-def _before(states, previous):
-    """Packed states (N, U) -> each position's state one step earlier (zeros at step 0)."""
-    with_zero = tf.concat([states, tf.zeros((1, states.shape[1]), states.dtype)], 0)
-    return tf.gather(with_zero, previous)
+def before(states, previous, initial=None):
+    """Packed states (N, U) -> each position's state one step earlier (N, U): at step 0 the
+    initial state (n_0, U), its rows in step 0's order, or zeros without one."""
+    if initial is None:
+        with_zero = tf.concat([states, tf.zeros((1, states.shape[1]), states.dtype)], 0)
+        return tf.gather(with_zero, previous)
+    first = tf.shape(initial)[0]  # step 0's positions are the first n_0
+    return tf.concat([initial, tf.gather(states, previous[first:])], 0)
 
 
 def _forward(projected, sizes, recurrent_kernel):
@@ -159,49 +157,114 @@ def _forward(projected, sizes, recurrent_kernel):
         ),
     )
     dtype = projected.dtype
-    return _concat(zs, 4 * width, dtype), _concat(hs, width, dtype), _concat(cs, width, dtype)
+    return concat(zs, [4 * width], dtype), concat(hs, [width], dtype), concat(cs, [width], dtype)
 
 
-def _backward(d_hs, factors, d_c_from_h, forget, sizes, recurrent_kernel):
-    """The recurrence backwards: d h (N, U) from the outputs -> d z (N, 4U), the gradient of the
-    pre-activation gates; factors (N, 4U), d_c_from_h = o * (1 - tanh(c)^2), forget (N, U)."""
-    units = tf.shape(recurrent_kernel)[0]
+def gate_factors(gates, c_before, cs) -> tuple:
+    """What the backward recurrence multiplies by, for all positions at once (no recurrence in
+    them): the gates after their activations (i, f, g, o, each (N, U)), the cell states one step
+    earlier and the cell states (N, U) -> factors (N, 4U) = d(c, c, c, h)/d z, gate by gate
+    (d z = [d c, d c, d c, d h] * factors), and d_c_from_h (N, U) = o * (1 - tanh(c)^2)."""
+    i, f, g, o = gates
+    tanh_c = tf.tanh(cs)
+    factors = tf.concat(
+        [g * i * (1 - i), c_before * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], 1
+    )  # (N, 4U)
+    return factors, o * (1 - tanh_c * tanh_c)
+
+
+def backward(
+    d_hs, factors, d_c_from_h, forget, sizes, recurrent_kernel, earlier=None, collect=(), sums=()
+):
+    """The recurrence backwards, from the last step to the first: d h (N, U) from the outputs,
+    gate_factors' factors and d_c_from_h, the forget gate f (N, U) -> d z (N, 4U), the gradient of
+    the pre-activation gates; d h and d c (n_0, U) of the initial state; what `earlier` collects
+    and what it sums.
+
+    earlier(t, d_z, take, size) -> (d h one step earlier (size, U), a tuple of tensors to collect,
+    a tuple of tensors to sum) replaces the plain LSTM's d z @ recurrent_kernel^T (the attention
+    LSTM's h_{t-1} also feeds its attention); take(x) is the step's rows of a packed tensor x
+    (N, ...), size their number. collect: the shapes of the collected tensors but their first
+    dimension; they come back as the steps' blocks concatenated, step 0 first. sums: the shapes
+    of the summed (size, ...) tensors but their first dimension; they come back as their sums over
+    the steps, row by row (n_0, ...), summed in the loop as d h is (no full-size accumulator).
+    """
+    units = recurrent_kernel.shape[0]
     steps = tf.shape(sizes)[0]
     offsets = tf.cumsum(sizes, exclusive=True)
-    d_zs = tf.TensorArray(d_hs.dtype, size=steps, infer_shape=False)
-    empty = tf.zeros((0, units), d_hs.dtype)
-    shape = tf.TensorShape([None, recurrent_kernel.shape[0]])
+    if earlier is None:
 
-    def step(t, d_h_next, d_c_next, d_zs):
+        def earlier(t, d_z, take, size):
+            return tf.matmul(d_z, recurrent_kernel, transpose_b=True), (), ()
+
+    def step(t, d_h_next, d_c_next, summed, d_zs, collected):
         start, size = offsets[t], sizes[t]
-        rows = slice(start, start + size)
-        grow = tf.stack([[0, size - tf.shape(d_h_next)[0]], [0, 0]])  # rows ending at t: zeros
-        d_h = d_hs[rows] + tf.pad(d_h_next, grow)  # (n, U)
-        d_c = tf.pad(d_c_next, grow) + d_h * d_c_from_h[rows]
-        d_z = tf.concat([d_c, d_c, d_c, d_h], 1) * factors[rows]  # (n, 4U)
-        d_h_before = tf.matmul(d_z, recurrent_kernel, transpose_b=True)
-        d_c_before = d_c * forget[rows]
+        begin, end = tf.reshape(start, [1]), tf.reshape(start + size, [1])
+
+        def take(packed):  # the step's rows (a view: no copy when aligned)
+            return tf.strided_slice(packed, begin, end)
+
+        # rows ending at t: zeros. (Their count from sizes, not from d_h_next's shape, which
+        # Grappler's constant folding gets wrong when the lengths are constants.)
+        ending = size - tf.reduce_sum(sizes[t + 1 : t + 2])
+
+        def grown(x):  # (n_{t+1}, ...) -> (n_t, ...), zeros for the rows ending at t
+            return tf.pad(x, [[0, ending]] + [[0, 0]] * (x.shape.rank - 1))
+
+        d_h = take(d_hs) + grown(d_h_next)  # (n, U)
+        d_c = grown(d_c_next) + d_h * take(d_c_from_h)
+        d_z = tf.concat([d_c, d_c, d_c, d_h], 1) * take(factors)  # (n, 4U)
+        d_h_before, extras, terms = earlier(t, d_z, take, size)
+        d_c_before = d_c * take(forget)
         return (
             t - 1,
-            *(tf.ensure_shape(d, shape) for d in (d_h_before, d_c_before)),
+            d_h_before,
+            d_c_before,
+            tuple(grown(total) + term for total, term in zip(summed, terms, strict=True)),
             d_zs.write(t, d_z),
+            tuple(array.write(t, extra) for array, extra in zip(collected, extras, strict=True)),
         )
 
-    *_, d_zs = tf.while_loop(
+    def nothing(*shape):  # no rows yet
+        return tf.zeros((0, *shape), d_hs.dtype)
+
+    *_, d_h0, d_c0, summed, d_zs, collected = tf.while_loop(
         lambda t, *_: t >= 0,
         step,
-        (steps - 1, empty, empty, d_zs),
+        (
+            steps - 1,
+            nothing(units),
+            nothing(units),
+            tuple(nothing(*shape) for shape in sums),
+            blocks(steps, d_hs.dtype, [4 * units]),
+            tuple(blocks(steps, d_hs.dtype, shape) for shape in collect),
+        ),
         shape_invariants=(
             tf.TensorShape([]),
-            shape,
-            shape,
+            tf.TensorShape([None, units]),
+            tf.TensorShape([None, units]),
+            tuple(tf.TensorShape([None, *shape]) for shape in sums),
             tf.TensorShape(None),
+            (tf.TensorShape(None),) * len(collect),
         ),
     )
-    return _concat(d_zs, 4 * recurrent_kernel.shape[0], d_hs.dtype)
+    return (
+        concat(d_zs, [4 * units], d_hs.dtype),
+        d_h0,
+        d_c0,
+        tuple(concat(a, shape, d_hs.dtype) for a, shape in zip(collected, collect, strict=True)),
+        summed,
+    )
 
 
-def _concat(array: tf.TensorArray, width: int, dtype):
-    """The steps' (n_t, width) blocks of a TensorArray as one (N, width) tensor (N may be 0)."""
-    packed = tf.cond(array.size() > 0, array.concat, lambda: tf.zeros((0, width), dtype))
-    return tf.ensure_shape(packed, (None, width))
+def blocks(steps, dtype, shape) -> tf.TensorArray:
+    """A TensorArray of one (n_t, *shape) block per step."""
+    element = tf.TensorShape([None, *shape])
+    return tf.TensorArray(dtype, size=steps, infer_shape=False, element_shape=element)
+
+
+def concat(array: tf.TensorArray, shape, dtype):
+    """The steps' (n_t, *shape) blocks of a TensorArray as one (N, *shape) tensor (N may be 0)."""
+    shape = [*shape]
+    packed = tf.cond(array.size() > 0, array.concat, lambda: tf.zeros((0, *shape), dtype))
+    return tf.ensure_shape(packed, (None, *shape))
