@@ -187,10 +187,11 @@ class Encoder:
         self._preprocess = getattr(keras.applications, spec.module).preprocess_input
         # One trace for every batch size (the last batch of a chunk is often shorter).
         signature = [tf.TensorSpec((None, spec.size, spec.size, 3), tf.uint8)]
-        self._infer = tf.function(self._forward, input_signature=signature)
+        self._infer = tf.function(self.forward, input_signature=signature)
 
-    def _forward(self, images: tf.Tensor) -> tf.Tensor:
-        # (B, H, W, 3) uint8 -> (B, D) float32, whatever the compute dtype.
+    def forward(self, images: tf.Tensor) -> tf.Tensor:
+        """(B, size, size, 3) uint8 -> (B, D) float32 features, whatever the compute dtype:
+        preprocess_input, then the network. Graph ops: export_graph.py traces it too."""
         pixels = self._preprocess(tf.cast(images, tf.float32))
         return tf.cast(self.model(pixels, training=False), tf.float32)
 

@@ -1,0 +1,172 @@
+"""`bench.py export`: a run exported as SavedModel and TFLite (float32, float16, dynamic): each
+file's size, per-image latency, and its captions of the run's test split against `captioner
+caption`'s (same run, same settings) and the references (BLEU-4).
+
+    python scripts/bench.py export --run runs/demo [--data-dir data] [--images 100] [--json]
+
+Latency: one image per call (the median over the images, after a warm-up call), and per image
+in calls of 32. The SavedModel takes the JPEG bytes; a TFLite model takes decoded pixels, so its
+figure excludes decoding (Pillow's, measured once and reported as decode_ms). TFLite runs with
+2 threads; the load average is recorded, since the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_common import machine, report
+
+BATCH = 32
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="bench.py export")
+    parser.add_argument("--run", required=True, help="a finished run directory")
+    parser.add_argument("--data-dir", default=None, help="where the run's dataset lives")
+    parser.add_argument("--images", type=int, default=100, help="test images used (first N)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from captioner import captions, evaluate, metrics
+    from captioner.config import replace
+    from captioner.rundir import load_run
+
+    run = load_run(args.run)
+    if args.data_dir:
+        run.cfg = replace(run.cfg, **{"data.data_dir": args.data_dir})
+    references = evaluate.split_references(run, "test")
+    names = list(references)[: args.images]
+    _, images_dir = captions.load_captions(run.cfg)
+    paths = [str(images_dir / name) for name in names]
+    load_before = os.getloadavg()
+    result: dict = {"machine": machine(), "run": str(args.run), "images": len(paths)}
+    greedy, default = run.decode_settings(1), run.decode_settings()
+    caption = {
+        "greedy": [c for _, c in run.caption_files(paths, greedy)[0]],
+        "default": [c for _, c in run.caption_files(paths, default)[0]],
+    }
+    result["caption_ms"] = _latency(lambda p: run.caption_files(p, default), [[p] for p in paths])
+    result["beam"] = default.beam
+    variants = {}
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as folder:
+        for fmt, quantize in (
+            ("saved_model", None),
+            ("tflite", None),
+            ("tflite", "float16"),
+            ("tflite", "dynamic"),
+        ):
+            name = fmt if quantize is None else f"{fmt}-{quantize}"
+            variants[name] = _variant(args.run, Path(folder) / name, fmt, quantize, paths)
+    for variant in variants.values():
+        for decoding in ("greedy", "default"):
+            ours = variant.pop(f"captions_{decoding}")
+            same = sum(a == b for a, b in zip(ours, caption[decoding], strict=True))
+            variant[f"same_as_caption_{decoding}"] = same / len(paths)
+            if decoding == "greedy":
+                refs = [references[n] for n in names]
+                variant["bleu4_greedy"] = metrics.bleu(ours, refs)["bleu4"]
+    result["variants"] = variants
+    result["bleu4_greedy_caption"] = metrics.bleu(
+        caption["greedy"], [references[n] for n in names]
+    )["bleu4"]
+    result["decode_ms"] = _latency(_pixels, [p for p in paths])
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    return report(result, args.json)
+
+
+def _variant(run: str, out: Path, fmt: str, quantize: str | None, paths: list[str]) -> dict:
+    from captioner.export import export
+
+    start = time.perf_counter()
+    export(run, out, fmt=fmt, quantize=quantize)
+    seconds = time.perf_counter() - start
+    size = (
+        sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        if out.is_dir()
+        else out.stat().st_size
+    )
+    caption = _saved_model(out) if fmt == "saved_model" else _tflite(out)
+    inputs = [_bytes(p) for p in paths] if fmt == "saved_model" else [_pixels(p) for p in paths]
+    return {
+        "export_s": round(seconds, 1),
+        "size_mb": round(size / 2**20, 1),
+        "captions_greedy": caption(inputs, 1),
+        "captions_default": caption(inputs, None),
+        "ms_per_image": _latency(lambda batch: caption(batch, None), [[x] for x in inputs]),
+        f"ms_per_image_batch{BATCH}": _latency(
+            lambda batch: caption(batch, None),
+            [inputs[i : i + BATCH] for i in range(0, len(inputs) - BATCH + 1, BATCH)] or [inputs],
+            per=BATCH,
+        ),
+    }
+
+
+def _saved_model(path: Path):
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(path))
+
+    def caption(images: list[bytes], beam: int | None) -> list[str]:
+        data = tf.constant(images)
+        if beam is None:
+            out = model.signatures["serving_default"](image_bytes=data)
+        else:
+            out = model.signatures["caption_with_beam"](image_bytes=data, beam=tf.constant(beam))
+        return [c.decode() for c in out["captions"].numpy()]
+
+    return caption
+
+
+def _tflite(path: Path):
+    import warnings
+
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
+    default = interpreter.get_signature_runner("serving_default")
+    with_beam = interpreter.get_signature_runner("caption_with_beam")
+
+    def caption(pixels: list[np.ndarray], beam: int | None) -> list[str]:
+        # images of one size share a call (the demo's do); others go one by one
+        batches = [np.stack(pixels)] if len({p.shape for p in pixels}) == 1 else pixels
+        captions = []
+        for batch in batches:
+            batch = batch if batch.ndim == 4 else batch[None]
+            if beam is None:
+                out = default(pixels=batch)
+            else:
+                out = with_beam(pixels=batch, beam=np.array(beam, np.int32))
+            captions += [" ".join(w.decode() for w in row if w) for row in out["words"]]
+        return captions
+
+    return caption
+
+
+def _bytes(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _pixels(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _latency(call, batches: list, per: int = 1) -> float:
+    """Median milliseconds per image over the batches, after one warm-up call."""
+    call(batches[0])
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        call(batch)
+        times.append((time.perf_counter() - start) / per * 1000)
+    return round(statistics.median(times), 1)

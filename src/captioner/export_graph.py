@@ -1,0 +1,133 @@
+"""A trained run's whole caption path as TensorFlow graph functions, for export (and serving).
+
+    image_bytes (B,) tf.string: the bytes of JPEG, PNG, GIF or BMP files     (SavedModel only)
+    -> decoded to RGB: JPEG with libjpeg's accurate integer DCT, as Pillow  (H, W, 3) uint8 each
+    pixels (B, H, W, 3) uint8 RGB                                           (the TFLite input)
+    -> resized to the encoder's S x S with half-pixel nearest neighbour     (B, S, S, 3) uint8
+       (together: pixel-identical to encoders.load_image, Pillow, which made the training
+       features: alpha dropped, greyscale and palette expanded, 16-bit scaled to 8, no EXIF
+       rotation; tests/test_export.py checks it)
+    -> Encoder.forward: the encoder's preprocess_input and network          (B, D) float32
+    -> decode_loops.decode_tokens: greedy or beam search on the Decoder interface (B, T) word ids
+    -> the vocabulary, a string constant                                    (B, T) words
+    -> joined by spaces                                                     (B,) captions
+
+The SavedModel runs all of it. A TFLite model starts at the pixels and ends at the words: image
+decoding and string joining exist only as TensorFlow ("Select TF") ops, which no Python TFLite
+runtime can run since TensorFlow 2.20 (neither tf.lite nor ai-edge-litert ships the Flex
+delegate), so the TFLite model uses TFLite's own ops only. The decoding loop runs uncompiled
+(compiled=False): TF Serving turns XLA off by default and TFLite has none. Any decoder works
+whose start and step are graph ops (models/decoder.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from captioner import decode_loops
+from captioner.models import decoder_for
+from captioner.rundir import DecodeSettings
+from captioner.text import END_ID, PAD_ID
+
+SIGNATURE = "serving_default"  # the run's beam width
+BEAM_SIGNATURE = "caption_with_beam"  # the beam width as an input
+IMAGE_INPUT, PIXEL_INPUT, BEAM_INPUT = "image_bytes", "pixels", "beam"
+MAX_BEAM = 100  # the widest beam the beam input accepts (the range of decode.beam)
+
+
+def decode_image_bytes(data: tf.Tensor) -> tf.Tensor:
+    """One image file's bytes (scalar tf.string) -> (H, W, 3) uint8 RGB, as Pillow decodes it.
+
+    JPEG goes through decode_jpeg with the accurate DCT (decode_image would use the fast one, a
+    few levels off Pillow's pixels); other formats through decode_image (first frame of a GIF).
+    An undecodable file fails the whole call with InvalidArgumentError."""
+    return tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+    )
+
+
+def resize(pixels: tf.Tensor, size: int) -> tf.Tensor:
+    """(B, H, W, 3) uint8 -> (B, size, size, 3) uint8 with half-pixel nearest neighbour: source
+    pixel floor((x + 0.5) * H / size), as Pillow's NEAREST. On float32 (exact for 0..255):
+    TFLite's own resize kernel takes that, not the uint8 one."""
+    resized = tf.image.resize(tf.cast(pixels, tf.float32), [size, size], method="nearest")
+    return tf.ensure_shape(tf.cast(resized, tf.uint8), (None, size, size, 3))
+
+
+class CaptionGraph:
+    """The graph functions of one run: its encoder, decoder, vocabulary and decoding settings.
+
+    encoder: encoders.Encoder; model: the run's keras.Model (any decoder); words: the vocabulary
+    tokens by id. export.py writes `saved_model_signatures()` or `tflite_signatures()`."""
+
+    def __init__(
+        self, encoder: Any, model: Any, words: tuple[str, ...], settings: DecodeSettings
+    ) -> None:
+        self.encoder, self.model, self.settings = encoder, model, settings
+        self.words = ("",) * (END_ID + 1) + tuple(words[END_ID + 1 :])  # specials print as ""
+
+    def saved_model_signatures(self) -> dict[str, Any]:
+        """{name: tf.function}: image_bytes [-> beam] -> captions, log_probabilities."""
+        images = tf.TensorSpec([None], tf.string, name=IMAGE_INPUT)
+        beam = tf.TensorSpec([], tf.int32, name=BEAM_INPUT)
+        return {
+            SIGNATURE: tf.function(lambda image_bytes: self.captions(image_bytes), [images]),
+            BEAM_SIGNATURE: tf.function(self.captions, [images, beam]),
+        }
+
+    def tflite_signatures(self) -> dict[str, Any]:
+        """{name: tf.function}: pixels [-> beam] -> words, log_probabilities."""
+        pixels = tf.TensorSpec([None, None, None, 3], tf.uint8, name=PIXEL_INPUT)
+        beam = tf.TensorSpec([], tf.int32, name=BEAM_INPUT)
+        return {
+            SIGNATURE: tf.function(lambda pixels: self.caption_words(pixels), [pixels]),
+            BEAM_SIGNATURE: tf.function(self.caption_words, [pixels, beam]),
+        }
+
+    def captions(self, image_bytes: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
+        """image_bytes (B,) tf.string, beam an int32 scalar 1..MAX_BEAM (None: the settings')
+        -> {"captions": (B,) tf.string, "log_probabilities": (B,) float32}."""
+        size = self.encoder.size
+        pixels = tf.map_fn(
+            lambda data: resize(decode_image_bytes(data)[None], size)[0],
+            image_bytes,
+            fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8),
+        )  # (B, S, S, 3)
+        words, log_probabilities = self._words(pixels, beam)
+        # " ".join of the non-empty words: they form a prefix of each row
+        spaced = tf.where(words == "", words, " " + words)
+        captions = tf.strings.strip(tf.strings.reduce_join(spaced, axis=1))
+        return {"captions": captions, "log_probabilities": log_probabilities}
+
+    def caption_words(self, pixels: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
+        """pixels (B, H, W, 3) uint8 RGB, beam as in `captions` -> {"words": (B, T) tf.string,
+        the caption's words then "", "log_probabilities": (B,) float32}."""
+        words, log_probabilities = self._words(resize(pixels, self.encoder.size), beam)
+        return {"words": words, "log_probabilities": log_probabilities}
+
+    def _words(self, pixels: tf.Tensor, beam: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(B, S, S, 3) uint8 -> (words (B, T) tf.string, log-probabilities (B,)): the words
+        before the first <end>, as Vocabulary.decode, then ""."""
+        features = self.encoder.forward(pixels)  # (B, D) float32
+        if beam is None:
+            beam = self.settings.beam
+        else:
+            tf.debugging.assert_greater_equal(beam, 1, message="beam must be at least 1")
+            tf.debugging.assert_less_equal(beam, MAX_BEAM, message=f"beam must be <= {MAX_BEAM}")
+            beam = tf.clip_by_value(beam, 1, MAX_BEAM)  # TFLite drops the asserts
+        ids, log_probabilities = decode_loops.decode_tokens(
+            decoder_for(self.model),
+            features,
+            self.settings.max_length,
+            beam,
+            self.settings.length_penalty,
+            self.settings.no_repeat_ngram,
+            compiled=False,
+        )  # (B, T), (B,)
+        before_end = tf.cumsum(tf.cast(ids == END_ID, tf.int32), axis=1, exclusive=True) == 0
+        ids = tf.where(before_end, ids, PAD_ID)  # <pad>, <start>, <unk> are never emitted
+        return tf.gather(tf.constant(self.words), ids), log_probabilities
