@@ -200,16 +200,17 @@ def _repeated_ngram_mask(sequences, t, n: int, width: int):
         return tf.zeros([rows, width])
     windows = tf.stack([sequences[:, i : i + starts] for i in range(n)], axis=-1)  # (R, S, n)
     last = tf.gather(sequences, tf.maximum(t - n + 1, 0) + tf.range(n - 1), axis=1)  # (R, n-1)
-    match = tf.reduce_all(windows[:, :, :-1] == last[:, None, :], axis=-1)  # (R, S)
+    match = tf.reduce_all(windows[:, :, :-1] == tf.expand_dims(last, 1), axis=-1)  # (R, S)
     following = windows[:, :, -1]  # (R, S) the id after each window
     # Finished hypotheses hold <pad> after <end>: no column to block (and they pad anyway).
-    match &= (tf.range(starts) + n - 1 < t)[None, :] & (following >= FIRST_ALLOWED)
-    # Scatter-min MASKED onto (row, column of the next word) for matches, 0 otherwise.
-    row_ids = tf.broadcast_to(tf.range(rows)[:, None], tf.shape(match))
+    match &= tf.expand_dims(tf.range(starts) + n - 1 < t, 0) & (following >= FIRST_ALLOWED)
+    # Count the matches at (row, column of the next word); scatter_nd adds up repeats (and is
+    # one of TFLite's own ops, unlike a scatter-min).
+    row_ids = tf.broadcast_to(tf.expand_dims(tf.range(rows), 1), tf.shape(match))
     column = tf.maximum(following - FIRST_ALLOWED, 0)
     indices = tf.reshape(tf.stack([row_ids, column], axis=-1), [-1, 2])
-    updates = tf.reshape(tf.where(match, MASKED, 0.0), [-1])
-    return tf.tensor_scatter_nd_min(tf.zeros([rows, width]), indices, updates)
+    counts = tf.scatter_nd(indices, tf.reshape(tf.cast(match, tf.float32), [-1]), [rows, width])
+    return tf.where(counts > 0, MASKED, 0.0)
 
 
 # --- shared pieces -----------------------------------------------------------------------------

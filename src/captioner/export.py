@@ -74,7 +74,12 @@ def check_exportable(run_dir: Path) -> None:
     meta_path = run_dir / "features_meta.json"
     meta = read_json(meta_path) if meta_path.is_file() else {}
     encoder, weights = meta.get("encoder"), meta.get("weights")
-    if encoder not in ENCODERS or not (weights in ("imagenet", "none") or Path(weights).is_file()):
+    # captioner records "imagenet", "none" or a weights file's absolute path (if that file is
+    # gone, building the encoder says so)
+    known_weights = isinstance(weights, str) and (
+        weights in ("imagenet", "none") or Path(weights).is_absolute()
+    )
+    if encoder not in ENCODERS or not known_weights:
         raise CaptionerError(
             f"{meta_path}: trained on dropped-in features (encoder {encoder!r}, weights "
             f"{weights!r}), not from a registered encoder ({', '.join(ENCODERS)}); an export "
