@@ -5,9 +5,9 @@ caption`'s (same run, same settings) and the references (BLEU-4).
     python scripts/bench.py export --run runs/demo [--data-dir data] [--images 100] [--json]
 
 Latency: one image per call (the median over the images, after a warm-up call), and per image
-in calls of 32. The SavedModel takes the JPEG bytes; a TFLite model takes decoded pixels, so its
-figure excludes decoding (Pillow's, measured once and reported as decode_ms). TFLite runs with
-2 threads; the load average is recorded, since the machine may be shared.
+in calls of 32. The SavedModel takes the JPEG bytes; a TFLite model takes the pixels decoded and
+resized by Pillow, so its figure excludes that (measured alone: decode_ms). TFLite runs with 2
+threads; the load average is recorded, since the machine may be shared.
 """
 
 from __future__ import annotations
@@ -135,17 +135,12 @@ def _tflite(path: Path):
     with_beam = interpreter.get_signature_runner("caption_with_beam")
 
     def caption(pixels: list[np.ndarray], beam: int | None) -> list[str]:
-        # images of one size share a call (the demo's do); others go one by one
-        batches = [np.stack(pixels)] if len({p.shape for p in pixels}) == 1 else pixels
-        captions = []
-        for batch in batches:
-            batch = batch if batch.ndim == 4 else batch[None]
-            if beam is None:
-                out = default(pixels=batch)
-            else:
-                out = with_beam(pixels=batch, beam=np.array(beam, np.int32))
-            captions += [" ".join(w.decode() for w in row if w) for row in out["words"]]
-        return captions
+        batch = np.stack(pixels)  # (B, 224, 224, 3)
+        if beam is None:
+            out = default(pixels=batch)
+        else:
+            out = with_beam(pixels=batch, beam=np.array(beam, np.int32))
+        return [" ".join(w.decode() for w in row if w) for row in out["words"]]
 
     return caption
 
@@ -155,10 +150,10 @@ def _bytes(path: str) -> bytes:
 
 
 def _pixels(path: str) -> np.ndarray:
-    from PIL import Image
+    """(224, 224, 3) uint8: decoded and resized by Pillow, as for the training features."""
+    from captioner.encoders import load_image
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    return load_image(path)
 
 
 def _latency(call, batches: list, per: int = 1) -> float:

@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,6 +71,7 @@ def image_files(rng: np.random.Generator) -> dict[str, bytes]:
         ),
         "bmp": lambda out: noisy.save(out, "BMP"),
         "already 224": lambda out: noisy.resize((224, 224)).save(out, "JPEG"),
+        "640 x 128": lambda out: smooth.resize((640, 128)).save(out, "JPEG"),
     }
     files = {}
     for kind, save in savers.items():
@@ -84,11 +86,33 @@ def test_graph_decoding_equals_the_pillow_decoding_of_training(tmp_path):
 
     from captioner.export_graph import decode_image_bytes, resize
 
-    decode = tf.function(lambda data: resize(decode_image_bytes(data)[None], 224)[0])
+    decode = tf.function(lambda data: resize(decode_image_bytes(data), 224))
     for kind, data in image_files(np.random.default_rng(0)).items():
         path = tmp_path / "image"
         path.write_bytes(data)
         np.testing.assert_array_equal(decode(tf.constant(data)).numpy(), load_image(path), kind)
+
+
+def test_resizing_takes_the_pixels_pillow_takes_at_every_size():
+    """Pillow's nearest neighbour sums float64 steps: at sizes divisible by 64 (128, 640, ...)
+    it takes other pixels than floor((x + 0.5) * n / 224), which TensorFlow's resize takes."""
+    import tensorflow as tf
+
+    from captioner.export_graph import resize
+
+    graph_resize = tf.function(
+        lambda image: resize(image, 224), input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)]
+    )
+    # every size up to 300, the multiples of 64 up to 2048 and their neighbours
+    sizes = [*range(1, 300), *(n + d for n in range(320, 2049, 64) for d in (-1, 0, 1))]
+    for height in sizes:
+        width = (height * 7) % 1500 + 1
+        rows, columns = np.mgrid[:height, :width]
+        # each pixel says where it is: row and column, low bytes and high nibbles
+        where = np.stack([rows % 256, columns % 256, rows // 256 * 16 + columns // 256], axis=-1)
+        image = where.astype(np.uint8)
+        pillow = np.asarray(Image.fromarray(image).resize((224, 224), Image.NEAREST))
+        np.testing.assert_array_equal(graph_resize(image).numpy(), pillow, f"{height}x{width}")
 
 
 # --- bad input: one line, before any TensorFlow work --------------------------------------------
@@ -129,6 +153,32 @@ def test_bad_runs_and_options_are_one_line(tmp_path, tiny_config):
     assert not list(tmp_path.glob(".out*")) and not Path(out + "2").exists()
 
 
+def test_tflite_gets_a_float32_decoder_and_a_float16_warning_for_tiny_weights(capsys):
+    import keras
+
+    from captioner import export
+    from captioner.config import ModelConfig
+    from captioner.models import decoder_for
+    from captioner.models.merge import build_model
+
+    model = build_model(8, 20, ModelConfig(embed_dim=8, units=8), precision="bfloat16")
+    export._in_float32(model)
+    assert {layer.compute_dtype for layer in model.layers} == {"float32"}
+    decoder = decoder_for(model)
+    hidden, _, _ = decoder.step(np.array([2, 2]), decoder.start(np.zeros((2, 8), np.float32)))
+    assert hidden.dtype == "float32"
+
+    tiny = keras.Variable(np.full(576, 1e-10, np.float32), name="variance")
+    normal = keras.Variable(np.full(576, 0.05, np.float32), name="kernel")
+    graph = SimpleNamespace(
+        encoder=SimpleNamespace(model=SimpleNamespace(weights=[normal])),
+        model=SimpleNamespace(weights=[tiny]),
+    )
+    export._check_float16(graph)
+    warning = capsys.readouterr().err
+    assert "float16 cannot hold variance" in warning and "kernel" not in warning
+
+
 # --- one trained run per decoder, exported -------------------------------------------------------
 @pytest.fixture(scope="module", params=sorted(DECODERS))
 def trained(request, tmp_path_factory) -> dict:
@@ -151,9 +201,10 @@ def trained(request, tmp_path_factory) -> dict:
         for line in (root / "data/demo/raw/Flickr8k_text/Flickr_8k.testImages.txt").open()
     )
     paths = [root / "data/demo/raw/Flicker8k_Dataset" / name for name in test_images]
-    # the same pictures as other files: a PNG with alpha and a larger greyscale JPEG
+    # the same pictures as other files: a PNG with alpha and a greyscale JPEG of 128 x 64
+    # pixels (sizes where Pillow's resizing takes other pixels than the textbook rule)
     Image.open(paths[0]).convert("RGBA").save(root / "first.png")
-    Image.open(paths[1]).convert("L").resize((97, 61)).save(root / "second.jpg")
+    Image.open(paths[1]).convert("L").resize((128, 64)).save(root / "second.jpg")
     paths += [root / "first.png", root / "second.jpg"]
     captions = {beam: caption_command(run, paths, beam) for beam in (None, 1)}
     for fmt, out in (("saved_model", root / "saved"), ("tflite", root / "model.tflite")):
@@ -263,7 +314,7 @@ def test_saved_model_cli_shows_the_signatures_the_readme_documents(trained):
 
 
 def tflite_captions(model: Path | bytes, paths: list[Path], beam: int | None) -> list[str]:
-    """Captions of a TFLite model, fed each image's decoded pixels (resized in the model)."""
+    """Captions of a TFLite model, fed each image's pixels as training read them (Pillow)."""
     import tensorflow as tf
 
     with warnings.catch_warnings():
@@ -275,7 +326,7 @@ def tflite_captions(model: Path | bytes, paths: list[Path], beam: int | None) ->
     runner = interpreter.get_signature_runner("caption_with_beam" if beam else "serving_default")
     captions = []
     for path in paths:
-        pixels = np.asarray(Image.open(path).convert("RGB"))[None]
+        pixels = load_image(path)[None]  # (1, 224, 224, 3)
         out = runner(pixels=pixels, **({"beam": np.array(beam, np.int32)} if beam else {}))
         captions.append(" ".join(word.decode() for word in out["words"][0] if word))
     return captions

@@ -2,22 +2,23 @@
 
     image_bytes (B,) tf.string: the bytes of JPEG, PNG, GIF or BMP files     (SavedModel only)
     -> decoded to RGB: JPEG with libjpeg's accurate integer DCT, as Pillow  (H, W, 3) uint8 each
-    pixels (B, H, W, 3) uint8 RGB                                           (the TFLite input)
-    -> resized to the encoder's S x S with half-pixel nearest neighbour     (B, S, S, 3) uint8
+    -> resized to the encoder's S x S by Pillow's nearest-neighbour rule    (B, S, S, 3) uint8
        (together: pixel-identical to encoders.load_image, Pillow, which made the training
        features: alpha dropped, greyscale and palette expanded, 16-bit scaled to 8, no EXIF
        rotation; tests/test_export.py checks it)
+    pixels (B, S, S, 3) uint8 RGB, so resized                               (the TFLite input)
     -> Encoder.forward: the encoder's preprocess_input and network          (B, D) float32
-    -> decode_loops.decode_tokens: greedy or beam search on the Decoder interface (B, T) word ids
+    -> decode_loops.decode_tokens: greedy or beam search, Decoder interface (B, T) word ids
     -> the vocabulary, a string constant                                    (B, T) words
     -> joined by spaces                                                     (B,) captions
 
-The SavedModel runs all of it. A TFLite model starts at the pixels and ends at the words: image
-decoding and string joining exist only as TensorFlow ("Select TF") ops, which no Python TFLite
-runtime can run since TensorFlow 2.20 (neither tf.lite nor ai-edge-litert ships the Flex
-delegate), so the TFLite model uses TFLite's own ops only. The decoding loop runs uncompiled
-(compiled=False): TF Serving turns XLA off by default and TFLite has none. Any decoder works
-whose start and step are graph ops (models/decoder.py).
+The SavedModel runs all of it. A TFLite model starts at the resized pixels and ends at the
+words: image decoding and string joining exist only as TensorFlow ("Select TF") ops, which no
+Python TFLite runtime can run since TensorFlow 2.20 (neither tf.lite nor ai-edge-litert ships
+the Flex delegate), and Pillow's resizing rule needs float64 sums, which TFLite lacks; so the
+TFLite model uses TFLite's own ops only. The decoding loop runs uncompiled (compiled=False): TF
+Serving turns XLA off by default and TFLite has none. Any decoder works whose start and step
+are graph ops (models/decoder.py).
 """
 
 from __future__ import annotations
@@ -50,12 +51,27 @@ def decode_image_bytes(data: tf.Tensor) -> tf.Tensor:
     )
 
 
-def resize(pixels: tf.Tensor, size: int) -> tf.Tensor:
-    """(B, H, W, 3) uint8 -> (B, size, size, 3) uint8 with half-pixel nearest neighbour: source
-    pixel floor((x + 0.5) * H / size), as Pillow's NEAREST. On float32 (exact for 0..255):
-    TFLite's own resize kernel takes that, not the uint8 one."""
-    resized = tf.image.resize(tf.cast(pixels, tf.float32), [size, size], method="nearest")
-    return tf.ensure_shape(tf.cast(resized, tf.uint8), (None, size, size, 3))
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 exactly as Pillow's resize with NEAREST.
+
+    Pillow (ImagingScaleAffine) starts half a step in and adds the step, H / size in float64,
+    once per output pixel, truncating: at sizes divisible by 64 the sum lands just below whole
+    numbers that floor((x + 0.5) * H / size) reaches, so TensorFlow's own nearest-neighbour
+    resize takes other pixels there. A cumulative float64 sum repeats Pillow's additions."""
+    return tf.gather(
+        tf.gather(image, _pillow_nearest(tf.shape(image)[0], size), axis=0),
+        _pillow_nearest(tf.shape(image)[1], size),
+        axis=1,
+    )
+
+
+def _pillow_nearest(length: tf.Tensor, size: int) -> tf.Tensor:
+    """(size,) int32: the source pixel of each output pixel along an axis of `length` pixels."""
+    # divide_no_nan: a plain division by a constant becomes a product with its reciprocal in a
+    # graph (2.8571428571428568 for 640 / 224, not 2.857142857142857), which moves boundaries
+    step = tf.math.divide_no_nan(tf.cast(length, tf.float64), tf.constant(size, tf.float64))
+    positions = tf.cumsum(tf.concat([[step / 2], tf.fill([size - 1], step)], axis=0))
+    return tf.cast(positions, tf.int32)  # truncation, as Pillow's COORD for positive values
 
 
 class CaptionGraph:
@@ -81,7 +97,8 @@ class CaptionGraph:
 
     def tflite_signatures(self) -> dict[str, Any]:
         """{name: tf.function}: pixels [-> beam] -> words, log_probabilities."""
-        pixels = tf.TensorSpec([None, None, None, 3], tf.uint8, name=PIXEL_INPUT)
+        size = self.encoder.size
+        pixels = tf.TensorSpec([None, size, size, 3], tf.uint8, name=PIXEL_INPUT)
         beam = tf.TensorSpec([], tf.int32, name=BEAM_INPUT)
         return {
             SIGNATURE: tf.function(lambda pixels: self.caption_words(pixels), [pixels]),
@@ -93,7 +110,7 @@ class CaptionGraph:
         -> {"captions": (B,) tf.string, "log_probabilities": (B,) float32}."""
         size = self.encoder.size
         pixels = tf.map_fn(
-            lambda data: resize(decode_image_bytes(data)[None], size)[0],
+            lambda data: resize(decode_image_bytes(data), size),
             image_bytes,
             fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8),
         )  # (B, S, S, 3)
@@ -104,9 +121,9 @@ class CaptionGraph:
         return {"captions": captions, "log_probabilities": log_probabilities}
 
     def caption_words(self, pixels: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
-        """pixels (B, H, W, 3) uint8 RGB, beam as in `captions` -> {"words": (B, T) tf.string,
-        the caption's words then "", "log_probabilities": (B,) float32}."""
-        words, log_probabilities = self._words(resize(pixels, self.encoder.size), beam)
+        """pixels (B, S, S, 3) uint8 RGB (encoders.load_image's), beam as in `captions` ->
+        {"words": (B, T) tf.string, the caption's words then "", "log_probabilities": (B,)}."""
+        words, log_probabilities = self._words(pixels, beam)
         return {"words": words, "log_probabilities": log_probabilities}
 
     def _words(self, pixels: tf.Tensor, beam: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
