@@ -59,6 +59,13 @@ def markov_model(table: dict[int, dict[int, float]], vocab_size: int = 7) -> ker
 
 
 FEATURES_2D = np.zeros((1, 2), np.float32)
+# Greedy: a (0.6) -> c (0.4) -> end = 0.24.  Best: b (0.4) -> end (1.0) = 0.4.
+GREEDY_MISSES = {
+    START_ID: {A: 0.6, B: 0.4},
+    A: {C: 0.4, END_ID: 0.3, A: 0.3},
+    B: {END_ID: 1.0},
+    C: {END_ID: 1.0},
+}
 
 
 def test_markov_model_has_the_probabilities_it_was_built_with():
@@ -69,15 +76,7 @@ def test_markov_model_has_the_probabilities_it_was_built_with():
 
 
 def test_beam_finds_the_sequence_greedy_misses():
-    # Greedy: a (0.6) -> c (0.4) -> end = 0.24.  Best: b (0.4) -> end (1.0) = 0.4.
-    model = markov_model(
-        {
-            START_ID: {A: 0.6, B: 0.4},
-            A: {C: 0.4, END_ID: 0.3, A: 0.3},
-            B: {END_ID: 1.0},
-            C: {END_ID: 1.0},
-        }
-    )
+    model = markov_model(GREEDY_MISSES)
     assert decode.greedy(model, FEATURES_2D, 10) == [[A, C]]
     assert decode.beam_search(model, FEATURES_2D, 10, beam=1) == [[A, C]]
     assert decode.beam_search(model, FEATURES_2D, 10, beam=2) == [[B]]
@@ -223,14 +222,7 @@ def graph_decode(model, features, max_length, beam, compiled=True, **settings):
 
 
 def test_graph_loops_give_the_log_probability_and_take_the_beam_as_an_input():
-    model = markov_model(
-        {
-            START_ID: {A: 0.6, B: 0.4},
-            A: {C: 0.4, END_ID: 0.3, A: 0.3},
-            B: {END_ID: 1.0},
-            C: {END_ID: 1.0},
-        }
-    )
+    model = markov_model(GREEDY_MISSES)
     for compiled in (True, False):  # plain steps (as exported) decode alike
         ids, scores = graph_decode(model, FEATURES_2D, 10, 1, compiled)
         assert ids == [[A, C]]

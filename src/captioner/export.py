@@ -1,9 +1,9 @@
 """`captioner export`: a trained run as one self-contained file for use without captioner.
 
     saved_model  a folder: TensorFlow SavedModel, image file bytes -> captions (export_graph.py),
-                 for tf.saved_model.load, TF Serving, or `captioner serve`
-    tflite       one .tflite file: decoded pixels -> words, TFLite's own ops only; optionally
-                 quantized (float16 weights, or dynamic-range int8 weights)
+                 for tf.saved_model.load or TF Serving
+    tflite       one .tflite file: pixels read as for training (224 x 224) -> words, TFLite's
+                 own ops only; optionally quantized (float16 weights, or dynamic-range int8)
 
 Both hold the encoder with its weights, the decoder, the decoding loop and the vocabulary. A run
 trained on dropped-in features has no encoder to put in front, and is refused. The output is
@@ -73,6 +73,7 @@ def check_exportable(run_dir: Path) -> None:
 
     meta_path = run_dir / "features_meta.json"
     meta = read_json(meta_path) if meta_path.is_file() else {}
+    meta = meta if isinstance(meta, dict) else {}
     encoder, weights = meta.get("encoder"), meta.get("weights")
     # captioner records "imagenet", "none" or a weights file's absolute path (if that file is
     # gone, building the encoder says so)
@@ -115,8 +116,9 @@ def _publish(out: Path, write: Any) -> None:
 
 
 def _write_saved_model(graph: Any, path: Path, signatures: dict | None = None) -> None:
-    """The graph's functions as a SavedModel with those signatures (default: the SavedModel's);
-    Keras' ExportArchive tracks the encoder's and decoder's weights."""
+    """The graph's functions as a SavedModel with those signatures (default: the SavedModel's).
+    Keras' ExportArchive keeps the weights the functions use; tracking the models as well
+    (archive.track) would store every weight twice."""
     import warnings
 
     import keras
@@ -124,8 +126,6 @@ def _write_saved_model(graph: Any, path: Path, signatures: dict | None = None) -
     from captioner.decode import MASK_WARNING
 
     archive = keras.export.ExportArchive()
-    archive.track(graph.encoder.model)
-    archive.track(graph.model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", MASK_WARNING)
         for name, function in (signatures or graph.saved_model_signatures()).items():
