@@ -188,7 +188,8 @@ def _reorder(state, parent):
 
 
 def _repeated_ngram_mask(sequences, t, n: int, width: int):
-    """(B*K, A) MASKED on the columns of words that would repeat an n-gram of the hypothesis.
+    """(B*K, A) MASKED (or a multiple) on the columns of words that would repeat an n-gram of
+    the hypothesis, 0 elsewhere.
 
     sequences (B*K, T) holds the t ids chosen so far. A word w is blocked when the last n-1
     words followed by w occur earlier: for every start j with j + n - 1 < t, compare
@@ -204,13 +205,14 @@ def _repeated_ngram_mask(sequences, t, n: int, width: int):
     following = windows[:, :, -1]  # (R, S) the id after each window
     # Finished hypotheses hold <pad> after <end>: no column to block (and they pad anyway).
     match &= tf.expand_dims(tf.range(starts) + n - 1 < t, 0) & (following >= FIRST_ALLOWED)
-    # Count the matches at (row, column of the next word); scatter_nd adds up repeats (and is
-    # one of TFLite's own ops, unlike a scatter-min).
+    # Scatter MASKED onto (row, column of the next word) for matches, 0 otherwise. scatter_nd
+    # adds repeats up (a word blocked twice gets 2 * MASKED, as masked and still finite); it is
+    # one of TFLite's own ops, a scatter-min is not.
     row_ids = tf.broadcast_to(tf.expand_dims(tf.range(rows), 1), tf.shape(match))
     column = tf.maximum(following - FIRST_ALLOWED, 0)
     indices = tf.reshape(tf.stack([row_ids, column], axis=-1), [-1, 2])
-    counts = tf.scatter_nd(indices, tf.reshape(tf.cast(match, tf.float32), [-1]), [rows, width])
-    return tf.where(counts > 0, MASKED, 0.0)
+    updates = tf.reshape(tf.where(match, MASKED, 0.0), [-1])
+    return tf.scatter_nd(indices, updates, [rows, width])
 
 
 # --- shared pieces -----------------------------------------------------------------------------
