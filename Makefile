@@ -6,7 +6,7 @@ DEMO   := --dataset demo --data-dir data
 DEMO_START := $(shell date +%s)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench bench-quality clean-demo
+.PHONY: help install demo test test-fast lint format bench bench-quality bench-serve clean-demo
 
 help:  ## List every target
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench: install  ## Benchmarks against the reference approach (see BENCHMARKS.md)
 
 bench-quality: install  ## Caption quality on real Flickr8k features (dev), ours vs the reference (~30 min)
 	$(BIN)/python scripts/bench.py quality
+
+bench-serve: install  ## captioner serve under load, batching on vs off, on 127.0.0.1 (~5 min)
+	$(BIN)/python scripts/bench.py serve
 
 clean-demo:  ## Remove the demo data and run
 	rm -rf data/demo runs/demo

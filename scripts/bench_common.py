@@ -86,6 +86,46 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rss_epoch(script: str, write_features, images: int, lengths, seed: int) -> dict:
+    """Peak RSS (MiB) and seconds of one epoch on `images` x 5 captions, run by `script
+    --rss-child DIR --seed S` in its own process (so only that epoch counts): DIR holds
+    features.npy, written by write_features(path, images, seed), and lengths.npy, caption
+    lengths drawn from `lengths`. The child prints one JSON line {"peak_rss_mb", "seconds"}."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_features(Path(tmp) / "features.npy", images, seed)
+        np.save(Path(tmp) / "lengths.npy", rng.choice(lengths, size=5 * images))
+        result = subprocess.run(
+            [sys.executable, script, "--rss-child", tmp, "--seed", str(seed)],
+            capture_output=True,
+            text=True,
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"RSS subprocess failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def rss_child_data(directory, seed: int, vocab_size: int) -> tuple:
+    """In the RSS child: (features memory-mapped, rows (N,), N random captions of the lengths)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    features = np.load(Path(directory) / "features.npy", mmap_mode="r", allow_pickle=False)
+    lengths = np.load(Path(directory) / "lengths.npy", allow_pickle=False)
+    rng = np.random.default_rng(seed)
+    captions = [rng.integers(4, vocab_size, int(n)).tolist() for n in lengths]
+    rows = np.repeat(np.arange(features.shape[0]), 5)[: len(captions)]
+    return features, rows, captions
+
+
 def report(result: dict, as_json: bool) -> dict:
     if as_json:
         print(json.dumps(result))

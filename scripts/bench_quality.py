@@ -20,7 +20,9 @@ true end of dev captions (teacher forcing); best dev loss and its epoch; trainin
     python scripts/bench.py quality [--set train.epochs=5 ...] [--features grid-mean] [--json]
 
 `--set` changes our settings (the README's table of what was tried); `--images N` trains on the
-first N training images only (the test suite's small version).
+first N training images only (the test suite's small version). `--features grid --decoders merge
+attention` compares the decoders like for like on the shared 7x7x128 grid: attention on the
+grid, merge on its mean over regions (one row each: ours-merge, ours-attention).
 """
 
 from __future__ import annotations
@@ -54,7 +56,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     parser.add_argument("--images", type=int, default=0, help="first N train images (0 = all)")
     parser.add_argument("--dev-images", type=int, default=0, help="first N dev images (0 = all)")
-    parser.add_argument("--features", choices=("pooled", "grid-mean"), default="pooled")
+    parser.add_argument(
+        "--features",
+        choices=("pooled", "grid", "grid-mean"),
+        default="pooled",
+        help="the shared pooled vectors, or the shared grid (grid-mean: its old name), which "
+        "merge and the reference take as the mean over its regions and attention as it is",
+    )
+    parser.add_argument(
+        "--decoders",
+        nargs="+",
+        choices=("merge", "attention"),
+        help="train ours with each of these decoders on the same features (default: "
+        "model.decoder); attention needs --features grid",
+    )
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--reference-epochs", type=int, default=20)
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared/ folder")
@@ -62,13 +77,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> dict:
+    from captioner.config import replace
+
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
         cfg = prepare_dataset(Path(tmp), args)
         result = {"machine": machine(), "features": args.features, "set": args.overrides}
         if not args.skip_reference:
             result["reference"] = run_reference(cfg, args.reference_epochs)
-        result["ours"] = run_ours(cfg)
+        decoders = args.decoders or [cfg.model.decoder]
+        for decoder in decoders:
+            key = "ours" if len(decoders) == 1 else f"ours-{decoder}"
+            result[key] = run_ours(replace(cfg, **{"model.decoder": decoder, "train.name": key}))
     if not args.json:
         print_table(result)
     return report(result, args.json) if args.json else result
@@ -113,15 +133,15 @@ def prepare_dataset(tmp: Path, args: argparse.Namespace):
 
 def write_cache(source: Path, out: Path, kind: str) -> None:
     """A finished feature cache (data/README.md) of the shared features, written by captioner's
-    own cache writer: pooled as they are, or the mean over the grid's regions (the merge model's
-    view of the attention features)."""
+    own cache writer: pooled (N, D) or grid (N, H, W, C) as they are (a merge model takes a
+    grid as the mean over its regions: feature_cache.for_decoder)."""
     from captioner.feature_cache import write_cache as write_feature_cache
 
     features = np.load(source / "features.npy", mmap_mode="r")
-    if kind != "pooled":  # (N, H, W, C) -> (N, C)
-        features = features.astype(np.float32).mean(axis=(1, 2)).astype(np.float16)
     ids = (source / "ids.txt").read_text(encoding="utf-8").split()
-    meta = {"encoder": ENCODER, "weights": "imagenet", "dim": int(features.shape[1])}
+    meta = {"encoder": ENCODER, "weights": "imagenet", "dim": int(features.shape[-1])}
+    if kind != "pooled":
+        meta |= {"layout": "grid", "grid": [int(n) for n in features.shape[1:3]]}
     out.mkdir(parents=True)
     write_feature_cache(out, [(features, ids, [])], {**meta, "dtype": str(features.dtype)})
 
@@ -146,7 +166,7 @@ def run_ours(cfg) -> dict:
     run = load_run(run_dir, with_encoder=False)
     state = read_json(run_dir / "state.json")
     settings = run.decode_settings().to_dict()
-    result = measure(cfg, run.model, run.vocab.encode, run.vocab, settings)
+    result = measure(cfg, run.model, run.vocab.encode, run.vocab, settings, cfg.model.decoder)
     return {
         **result,
         "decoding": settings,
@@ -187,7 +207,7 @@ def run_reference(cfg, max_epochs: int) -> dict:
     train_data = data.make_dataset(cache.features, rows, captions, batch, shuffle=False, seed=0)
     dev_data = data.make_dataset(cache.features, dev_rows, dev_captions, 256, False, 0, bucket=True)
     sizes = ModelConfig(embed_dim=256, units=256, dropout=0.4, normalize_features=False)
-    model = build_model(cache.features.shape[1], vocab.size, sizes)
+    model = build_model(cache.meta["dim"], vocab.size, sizes)  # a grid: its mean over regions
     compile_model(model, 1e-3)
     stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
     start = time.perf_counter()
@@ -213,15 +233,17 @@ def run_reference(cfg, max_epochs: int) -> dict:
 # --- the measurements -------------------------------------------------------------------------
 
 
-def measure(cfg, model, encode, vocab, settings: dict) -> dict:
-    """Scores and length statistics of the dev captions `model` writes, and P(<end>)."""
+def measure(cfg, model, encode, vocab, settings: dict, decoder: str = "merge") -> dict:
+    """Scores and length statistics of the dev captions `model` (a `decoder`) writes, and
+    P(<end>)."""
     from captioner import decode, metrics
     from captioner.feature_cache import load_cache
+    from captioner.models import features_of
 
     cache = load_cache(cfg.features_dir)
     references = dev_references(cfg)
     images = list(references)
-    features = np.asarray(cache.features[[cache.row[i] for i in images]], dtype=np.float32)
+    features = cache.rows([cache.row[i] for i in images], features_of(decoder), decoder)
     ids = decode.decode(model, features, **settings)
     hypotheses = [vocab.decode(words) for words in ids]
     refs = [references[image] for image in images]
@@ -233,23 +255,25 @@ def measure(cfg, model, encode, vocab, settings: dict) -> dict:
         "reference_length": float(np.mean([len(r.split()) for rs in refs for r in rs])),
         "at_cap": float(np.mean([len(words) >= settings["max_length"] for words in ids])),
         "distinct_words": len({w for h in hypotheses for w in h.split()}),
-        "p_end": end_probability(model, cache, references, encode),
+        "p_end": end_probability(model, cache, references, encode, decoder),
         "examples": [
             f"{image}: {caption}" for image, caption in zip(images[:3], hypotheses[:3], strict=True)
         ],
     }
 
 
-def end_probability(model, cache, references: dict[str, list[str]], encode) -> float:
+def end_probability(model, cache, references: dict[str, list[str]], encode, decoder) -> float:
     """Mean softmax probability of <end> where each dev caption really ends (teacher forcing)."""
     import tensorflow as tf
 
     from captioner.data import make_dataset
+    from captioner.models import features_of
     from captioner.text import END_ID
 
     rows = [cache.row[image] for image, captions in references.items() for _ in captions]
     captions = [encode(caption) for captions in references.values() for caption in captions]
-    dataset = make_dataset(cache.features, rows, captions, 256, shuffle=False, seed=0)
+    shape = {"takes": features_of(decoder), "decoder": decoder}
+    dataset = make_dataset(cache.features, rows, captions, 256, shuffle=False, seed=0, **shape)
     probabilities = []
     for inputs, targets in dataset:
         logits = model(inputs, training=False)  # (B, T, V)
@@ -275,7 +299,7 @@ def print_table(result: dict) -> None:
     from captioner.evaluate import LABELS
 
     columns = {**{key: LABELS[key] for key in SCORES}, **EXTRA}
-    rows = [name for name in ("reference", "ours") if name in result]
+    rows = [name for name in result if name == "reference" or name.startswith("ours")]
     print("| | " + " | ".join(columns.values()) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for name in rows:

@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from bench_common import machine, matmul_peak_gflops, peak_rss_mb, report
+from bench_common import (
+    machine,
+    matmul_peak_gflops,
+    peak_rss_mb,
+    report,
+    rss_child_data,
+    rss_epoch,
+)
 
 from captioner.io import log
 
@@ -187,7 +193,8 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
     """
     import tensorflow as tf
 
-    from captioner.models.merge import output_cross_entropy
+    from captioner.models import packed_lstm
+    from captioner.models.shared import output_cross_entropy
 
     output, rnn = model.get_layer("logits"), model.get_layer("rnn")
     embed = model.get_layer("embedding").output_dim
@@ -200,10 +207,15 @@ def breakdown(model, dataset, batches: int, epoch_seconds: float) -> dict[str, f
         return tape.gradient(loss, [hidden, *output.trainable_weights])
 
     @tf.function(reduce_retracing=True)
-    def recurrent(embedded, mask):  # (B, T, E), (B, T)
+    def recurrent(embedded, mask):  # (B, T, E), (B, T): as MergeModel.train_step runs the RNN
         with tf.GradientTape() as tape:
             tape.watch(embedded)
-            loss = tf.reduce_sum(rnn(embedded, mask=mask))
+            if packed_lstm.supports(rnn):  # only the real positions, packed
+                packing = packed_lstm.pack(tf.reduce_sum(tf.cast(mask, tf.int32), axis=1))
+                packed = tf.gather_nd(embedded, packing.index)
+                loss = tf.reduce_sum(packed_lstm.lstm_layer(rnn, packed, packing))
+            else:
+                loss = tf.reduce_sum(rnn(embedded, mask=mask))
         return tape.gradient(loss, [embedded, *rnn.trainable_weights])
 
     def step(inputs, targets):
@@ -232,11 +244,7 @@ def rss_child(directory: Path, seed: int) -> None:
     """The Flickr30k-sized epoch in its own process: prints {"peak_rss_mb", "seconds"}."""
     from captioner.config import TrainConfig
 
-    features = np.load(directory / "features.npy", mmap_mode="r", allow_pickle=False)
-    lengths = np.load(directory / "lengths.npy", allow_pickle=False)
-    rng = np.random.default_rng(seed)
-    captions = [rng.integers(4, FLICKR30K_VOCAB, int(n)).tolist() for n in lengths]
-    rows = np.repeat(np.arange(features.shape[0]), 5)[: len(captions)]
+    features, rows, captions = rss_child_data(directory, seed, FLICKR30K_VOCAB)
     train = TrainConfig()
     seconds, _, _ = train_epoch(
         features, rows, captions, FLICKR30K_VOCAB, train.batch_size, train.precision, seed
@@ -246,18 +254,7 @@ def rss_child(directory: Path, seed: int) -> None:
 
 def rss_30k(images: int, lengths: np.ndarray, seed: int) -> dict[str, float]:
     """Peak RSS (MiB) and seconds of one default epoch on `images` x 5 captions, memmapped."""
-    rng = np.random.default_rng(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        random_features(Path(tmp) / "features.npy", images, seed)
-        np.save(Path(tmp) / "lengths.npy", rng.choice(lengths, size=5 * images))
-        result = subprocess.run(
-            [sys.executable, __file__, "--rss-child", tmp, "--seed", str(seed)],
-            capture_output=True,
-            text=True,
-        )
-    if result.returncode != 0:
-        raise RuntimeError(f"RSS subprocess failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return rss_epoch(__file__, random_features, images, lengths, seed)
 
 
 def flickr8k_set(images: int) -> SimpleNamespace:

@@ -200,12 +200,12 @@ def test_merged_shards_equal_unsharded_run(flickr8k_like, tiny_config, tmp_path)
     folder = flickr8k_like / "Flicker8k_Dataset"
     names = [p.name for p in fixture_images(flickr8k_like, 9)]
     names.insert(4, "absent.jpg")
-    settings = {
-        "features.encoder": SMALL,
+    settings = {  # VGG16's 2x2x512 grids of 32-pixel images: float16 by default
         "features.weights": "none",
         "features.chunk_size": 2,
         "features.batch_size": 2,
-        "features.dtype": "float16",
+        "features.layout": "grid",
+        "features.image_size": 32,
     }
     whole = tiny_config("mine", **settings)
     write_dataset(whole, names, folder)
@@ -235,6 +235,8 @@ def test_merged_shards_equal_unsharded_run(flickr8k_like, tiny_config, tmp_path)
     merged = load_cache(features.merge_shards(sharded))
     assert load_cache(sharded.features_dir / "shards" / "2-of-3").ids == names[-2:]
     assert merged.ids == expected.ids and merged.features.dtype == np.float16
+    assert merged.features.shape[1:] == (2, 2, 512) and merged.meta["grid"] == [2, 2]
+    assert np.count_nonzero(merged.features) > merged.features.size // 4  # real values
     np.testing.assert_array_equal(merged.features, expected.features)
     assert (merged.path / "bad_images.txt").read_text() == (
         expected.path / "bad_images.txt"
@@ -299,13 +301,15 @@ def test_vgg16_equals_reference_loop_and_bfloat16_is_close(flickr8k_like):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_array(flickr8k_like, tiny_config, tmp_path):
+@pytest.mark.parametrize("layout", ["pooled", "grid"])
+def test_killed_run_resumes_to_the_same_array(flickr8k_like, tiny_config, tmp_path, layout):
     names = [p.name for p in fixture_images(flickr8k_like, 12)]
     # seed 3 and auto precision: the in-process run reuses the encoder built by the test above
     settings = {
         "features.weights": "none",
         "features.chunk_size": 2,
         "features.batch_size": 2,
+        "features.layout": layout,  # grid: VGG16's block5_conv3 (14x14x512 float16)
         "seed": 3,
     }
     killed = tiny_config("mine", **settings, **{"data.data_dir": str(tmp_path / "killed")})
@@ -327,6 +331,7 @@ def test_killed_run_resumes_to_the_same_array(flickr8k_like, tiny_config, tmp_pa
         "features.chunk_size=2",
         "--seed",
         "3",
+        *(["--grid"] if layout == "grid" else []),
     ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     chunks = killed.features_dir / "chunks"
@@ -351,5 +356,6 @@ def test_killed_run_resumes_to_the_same_array(flickr8k_like, tiny_config, tmp_pa
     write_dataset(whole, names, flickr8k_like / "Flicker8k_Dataset")
     expected = load_cache(features.extract(whole))
     result = load_cache(killed.features_dir)
-    assert result.ids == expected.ids == names
+    assert result.ids == expected.ids == names and result.layout == layout
+    assert result.features.shape[1:] == ((14, 14, 512) if layout == "grid" else (4096,))
     np.testing.assert_array_equal(result.features, expected.features)

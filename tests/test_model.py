@@ -15,7 +15,7 @@ from tinydata import fixture_captions
 from captioner import models
 from captioner.config import ModelConfig
 from captioner.errors import CaptionerError
-from captioner.models import merge
+from captioner.models import merge, packed_lstm, shared
 from captioner.reference import build_prefix_model, copy_merge_weights
 from captioner.text import END_ID, START_ID, normalize
 from captioner.tokenizer import Vocabulary
@@ -25,6 +25,7 @@ FEATURE_DIM = 64
 REFERENCE_SIZES = ModelConfig()  # 256, 256, dropout 0.4
 # Tests of mechanics rather than of sizes; no dropout, so training-mode outputs are deterministic.
 SMALL = ModelConfig(units=32, embed_dim=16, dropout=0.0)
+SMALL_GRU = ModelConfig(units=32, embed_dim=16, dropout=0.0, cell="gru")
 
 
 @pytest.fixture(scope="module")
@@ -113,21 +114,26 @@ def test_padding_does_not_change_the_loss(captions, small_model):
     assert float(keras_loss) > 1.0  # a real loss, not a degenerate 0
 
 
-# 3 rows: one of the 4 length groups is empty; 13 rows of many lengths: uneven groups
-@pytest.mark.parametrize("rows", [[5, 60, 130], list(range(0, 195, 15))])
+# 3 rows of 3 lengths; 13 rows of many lengths (a packed LSTM step of each size); a GRU, which
+# is not packed (its layers run over the padded batch)
+@pytest.mark.parametrize(
+    "rows, cell",
+    [([5, 60, 130], "lstm"), (list(range(0, 195, 15)), "lstm"), (list(range(0, 195, 15)), "gru")],
+)
 def test_fused_output_loss_has_the_gradients_of_dense_plus_crossentropy(
-    captions, small_model, rows
+    captions, small_model, rows, cell
 ):
-    """MergeModel's training loss (length-sorted groups, the output layer only at real words)
-    equals Dense + Keras' loss on the whole padded batch, value and gradients."""
-    _, encoded = captions
-    model = small_model
+    """MergeModel's training loss (the LSTM packed, the output layer only at real words) equals
+    Dense + Keras' loss on the whole padded batch through the functional model, value and
+    gradients."""
+    vocab, encoded = captions
+    model = small_model if cell == "lstm" else trained(vocab.size, encoded, SMALL_GRU)
     varied = [encoded[row][: 2 + 3 * index % 11] for index, row in enumerate(rows)]  # lengths
     inputs, targets = batch(varied, list(range(len(rows))), extra_padding=3)
     assert len({int(n) for n in (targets != 0).sum(axis=1)}) >= min(len(rows), 4)
     weights = model.trainable_weights
     with tf.GradientTape(persistent=True) as tape:
-        fused, count = model._loss(inputs, targets, training=True)
+        fused, _, count = model._loss_terms(inputs, targets, training=True)
         plain = model.loss(targets, model(inputs, training=True))
     assert int(count) == int((targets != 0).sum())
     assert float(fused) == pytest.approx(float(plain), rel=1e-5)
@@ -136,6 +142,27 @@ def test_fused_output_loss_has_the_gradients_of_dense_plus_crossentropy(
     ):
         a, b = tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy()
         np.testing.assert_allclose(a, b, atol=1e-6 + 1e-4 * np.abs(b).max(), err_msg=weight.path)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_fused_output_loss_with_label_smoothing_equals_keras(smoothing):
+    """output_cross_entropy(..., smoothing=e) equals Dense + CategoricalCrossentropy with
+    label_smoothing=e on one-hot targets: value and the gradients of all three inputs."""
+    rng = np.random.default_rng(0)
+    hidden = tf.constant(rng.normal(size=(9, 6)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(6, 11)), tf.float32)
+    bias = tf.constant(rng.normal(size=11), tf.float32)
+    labels = tf.constant(rng.integers(0, 11, size=9), tf.int32)
+    keras_loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([hidden, kernel, bias])
+        fused = shared.output_cross_entropy(hidden, kernel, bias, labels, smoothing)
+        plain = keras_loss(tf.one_hot(labels, 11), hidden @ kernel + bias)
+    assert float(fused) == pytest.approx(float(plain), rel=1e-5)
+    assert float(fused) > 1.0  # random logits: a real loss
+    gradients = [tape.gradient(loss, [hidden, kernel, bias]) for loss in (fused, plain)]
+    for a, b in zip(*gradients, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -155,7 +182,7 @@ def test_step_by_step_decoding_equals_the_full_sequence_logits(captions, small_m
     # projection under XLA)
     for step in (decoder.step, decoder.step_fn()):
         state = decoder.start(inputs["features"])
-        assert len(state) == (3 if cell == "lstm" else 2)
+        assert len(state[0]) == 1 and len(state[1]) == (2 if cell == "lstm" else 1)
         for t in range(inputs["tokens"].shape[1]):
             hidden, state, attention = step(inputs["tokens"][:, t], state)
             logits = decoder.logits(hidden)
@@ -239,6 +266,12 @@ def test_models_saved_before_the_models_package_still_load_and_decode(name):
     decoder = models.decoder_for(model)
     assert decoder.name == "merge" and decoder.vocab_size == 12
     assert len(decode.beam_search(model, inputs["features"], 5, beam=2)) == 2
+    # a resumed old run trains its LSTM packed too, with the same loss as the functional model
+    assert packed_lstm.supports(model.get_layer("rnn")) == (name == "lstm")
+    assert inputs["tokens"].tolist() == [[START_ID, 4, 5, 0], [START_ID, 6, 7, 8]]
+    targets = np.array([[4, 5, END_ID, 0], [6, 7, 8, END_ID]], np.int32)
+    _, loss, _ = model._loss_terms(inputs, targets, training=False)
+    assert float(loss) == pytest.approx(float(model.loss(targets, model(inputs))), rel=1e-5)
 
 
 def test_the_config_offers_every_decoder_and_build_follows_it():

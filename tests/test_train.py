@@ -116,6 +116,8 @@ def test_training_writes_tensorboard_logs_its_time_and_a_model_card(trained):
     assert step == 0 and len(dev_logs["dev_captions"]) == 2
     assert table.startswith("| image | greedy caption | a reference |")
     assert len(table.splitlines()) == 2 + 3  # header, rule, three dev images
+    for tag in ("epoch_bleu4", "epoch_cider_d"):  # dev scores (tests/test_monitor.py: values)
+        assert [step for step, _ in dev_logs[tag]] == [0, 1]
 
     timing = read_json(run_dir / "training.json")
     assert timing["epochs_timed"] == 2 and timing["seconds"] > 0
@@ -274,10 +276,11 @@ def captioner_cli(*args: str, env: dict | None = None, code: str = "") -> subpro
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_like):
+@pytest.mark.parametrize("decoder", ["merge", "attention"])
+def test_resume_after_kill_9_continues_to_the_configured_epochs(tmp_path, flickr8k_like, decoder):
     cfg = mini_config(tmp_path, **{"features.encoder": "handmade"})
-    write_dataset(cfg, flickr8k_like, SIZES, dim=7)
-    args = run_args(cfg, "k", epochs=4)
+    write_dataset(cfg, flickr8k_like, SIZES, dim=7, grid=(2, 3) if decoder == "attention" else None)
+    args = [*run_args(cfg, "k", epochs=4), "--decoder", decoder]
     run_dir = Path(cfg.train.runs_dir) / "k"
     process = captioner_cli(*args)
     deadline = time.monotonic() + 120
@@ -390,6 +393,12 @@ def test_two_local_workers_reach_the_single_device_loss(trained):
     assert outputs[0][0].strip() == outputs[1][0].strip() == str(run_dir)
     assert len(history(run_dir)) == 1  # written by the chief
     assert epoch_losses(run_dir, 1) == pytest.approx(last_losses(outputs[1][1]), abs=1e-4)
+    train_logs = event_values(run_dir / "logs" / "train")  # TensorBoard, from the chief only
+    dev_logs = event_values(run_dir / "logs" / "validation")
+    assert [v for _, v in train_logs["epoch_loss"]] == pytest.approx([epoch_losses(run_dir, 1)[0]])
+    assert [v for _, v in dev_logs["epoch_loss"]] == pytest.approx([epoch_losses(run_dir, 1)[1]])
+    assert [step for step, _ in dev_logs["epoch_bleu4"]] == [0]
+    assert len(list((run_dir / "logs" / "train").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.slow
@@ -423,16 +432,17 @@ def test_cli_train_runs_every_missing_stage_on_a_tiny_demo_dataset(tmp_path, cap
     run_dir = tmp_path / "runs" / "demo1"
     assert first.stdout.strip() == str(run_dir)
     dataset = tmp_path / "data" / "demo"
-    meta = read_json(dataset / "features" / "mobilenetv3small" / "meta.json")
+    features = "features/mobilenetv3small-112px"  # configs/demo.toml: images of 112 pixels
+    meta = read_json(dataset / features / "meta.json")
     assert meta["count"] == 55 and read_json(run_dir / "features_meta.json") == meta
     assert [int(r["epoch"]) for r in history(run_dir)] == [1, 2]
     assert read_json(run_dir / "state.json")["finished"]
 
     cfg = from_dict(read_json(run_dir / "config.json"))
     capsys.readouterr()
-    assert pipeline.prepare(cfg)["features"] == dataset / "features" / "mobilenetv3small"
+    assert pipeline.prepare(cfg)["features"] == dataset / features
     err = capsys.readouterr().err
-    for output in ("captions.csv", "features/mobilenetv3small", "vocab.json"):
+    for output in ("captions.csv", features, "vocab.json"):
         assert f"reusing {dataset / output}" in err  # every stage's output is reused
 
 

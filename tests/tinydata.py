@@ -78,9 +78,18 @@ def write_captions(cfg: Config, fixtures: Path, sizes: dict[str, int]) -> pd.Dat
     return frame
 
 
-def write_features(features_dir: Path, ids: list[str], dim: int, seed: int = 0) -> np.ndarray:
-    """A feature cache of random (N, dim) float32 rows, one per id; meta.json written last."""
-    features = np.random.default_rng(seed).normal(size=(len(ids), dim)).astype(np.float32)
+def write_features(
+    features_dir: Path,
+    ids: list[str],
+    dim: int,
+    seed: int = 0,
+    grid: tuple[int, int] | None = None,
+    dtype: str = "float32",
+) -> np.ndarray:
+    """A feature cache of random rows, one per id: pooled (N, dim), or with `grid` (H, W) a grid
+    cache (N, H, W, dim); meta.json written last."""
+    shape = (len(ids), dim) if grid is None else (len(ids), *grid, dim)
+    features = np.random.default_rng(seed).normal(size=shape).astype(dtype)
     features_dir.mkdir(parents=True, exist_ok=True)
     np.save(features_dir / "features.npy", features)
     (features_dir / "ids.txt").write_text("".join(f"{name}\n" for name in ids))
@@ -90,17 +99,25 @@ def write_features(features_dir: Path, ids: list[str], dim: int, seed: int = 0) 
         "weights": "hand-made",
         "dim": dim,
         "count": len(ids),
-        "dtype": "float32",
+        "dtype": dtype,
     }
+    if grid is not None:
+        meta |= {"layout": "grid", "grid": list(grid)}
     (features_dir / "meta.json").write_text(json.dumps(meta))
     return features
 
 
 def write_dataset(
-    cfg: Config, fixtures: Path, sizes: dict[str, int], dim: int = 7, drop: int = 0
+    cfg: Config,
+    fixtures: Path,
+    sizes: dict[str, int],
+    dim: int = 7,
+    drop: int = 0,
+    grid: tuple[int, int] | None = None,
 ) -> pd.DataFrame:
-    """captions + a feature cache for cfg.features.encoder; the last `drop` images get no row."""
+    """captions + a feature cache for cfg.features.encoder (a grid cache with `grid` (H, W));
+    the last `drop` images get no row."""
     frame = write_captions(cfg, fixtures, sizes)
     ids = list(dict.fromkeys(frame["image"]))
-    write_features(cfg.features_dir, ids[: len(ids) - drop], dim, seed=cfg.seed)
+    write_features(cfg.features_dir, ids[: len(ids) - drop], dim, seed=cfg.seed, grid=grid)
     return frame

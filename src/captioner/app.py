@@ -1,4 +1,6 @@
-"""The web page: caption an uploaded or example image with one or more trained runs, side by side.
+"""The web page: caption an uploaded or example image with one or more trained runs, side by side;
+for a run with attention, also where each word of its caption looked (the word the user picks,
+or all of them).
 
 `captioner app --model runs/A --model runs/B` calls `launch`, which starts `streamlit run` on this
 file with the run directories in the CAPTIONER_APP_MODELS environment variable (a JSON list).
@@ -24,6 +26,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from captioner.attention_maps import Attended, attend_files, word_choices, word_overlays
 from captioner.errors import CaptionerError
 from captioner.formats import IMAGE_SUFFIXES, is_image_name
 
@@ -41,12 +44,18 @@ BEAM_WIDTHS = (2, 10)  # the sidebar's slider
 
 @dataclass(frozen=True)
 class Result:
-    """One model's answer for one image: a caption, or the reason there is none."""
+    """One model's answer for one image: a caption (with where each word looked, for a model
+    with attention), or the reason there is none."""
 
     model: str
     caption: str
     error: str
     seconds: float
+    attended: Attended | None = None  # the caption's words and maps (maps None: no attention)
+
+    @property
+    def maps(self) -> bool:
+        return self.attended is not None and self.attended.maps is not None
 
 
 # --- launching -----------------------------------------------------------------------------
@@ -215,10 +224,11 @@ def caption_image(
         path.write_bytes(data)
         for model, loaded in models:
             start = time.perf_counter()
-            captions, failures = loaded.caption_files([path], loaded.decode_settings(beam))
+            captions, failures = attend_files(loaded, [path], loaded.decode_settings(beam))
             seconds = time.perf_counter() - start
             if captions:
-                results.append(Result(model, captions[0][1], "", seconds))
+                attended = captions[0][1]
+                results.append(Result(model, attended.caption, "", seconds, attended))
             else:
                 reason = failures[0][1] if failures else "no caption produced"
                 results.append(Result(model, "", f"{name}: {reason}", seconds))
@@ -238,6 +248,30 @@ def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
     Image.new("RGB", (64, 64), "gray").save(blank, format="JPEG")
     caption_image(models, blank.getvalue(), "warm-up.jpg")
     return models
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def page_captions(
+    run_dirs: tuple[str, ...], data: bytes, name: str, beam: int, _models: Sequence
+) -> list[Result]:
+    """caption_image, kept for the last few images and settings: picking another word of the
+    caption shows its map at once, without captioning the image again."""
+    return caption_image(_models, data, name, beam)
+
+
+def show_attention(column: Any, image: Image.Image, result: Result) -> None:
+    """Beside a caption: a word picker and the map of the picked word (or of every word)."""
+    choice = column.selectbox(
+        "Where the model looked, word by word",
+        word_choices(result.attended),
+        key=f"attention:{result.model}:{result.caption}",  # a new caption starts at ALL_WORDS
+    )
+    pictures = word_overlays(image, result.attended, choice)
+    column.image(
+        [picture for picture, _ in pictures],
+        caption=[word for _, word in pictures],
+        width=150 if len(pictures) > 1 else "stretch",
+    )
 
 
 def default_beam(models: Sequence[tuple[str, Any]]) -> int:
@@ -291,7 +325,7 @@ def page() -> None:
     image_column, answers = st.columns([1, 2], gap="large")
     image_column.image(image, caption=name, width="stretch")
     with st.spinner("Captioning..."):
-        results = caption_image(models, data, name, beam)
+        results = page_captions(tuple(str(d) for d in run_dirs), data, name, beam, models)
     for column, result in zip(answers.columns(len(results)), results, strict=True):
         column.subheader(result.model)
         if result.error:
@@ -299,6 +333,8 @@ def page() -> None:
         else:
             column.markdown(caption_markdown(result.caption))
         column.caption(f"{'greedy' if beam == 1 else f'beam {beam}'}, {result.seconds:.2f} s")
+        if result.maps and result.attended.words:
+            show_attention(column, image, result)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from captioner.feature_cache import layout_of
 from captioner.io import atomic_write_bytes
 from captioner.runs import RunSummary, read_evaluations, read_run
 
@@ -50,6 +51,25 @@ def render_card(run_dir: Path) -> str:
 _JSON_FILES = ("config", "state", "vocab", "features_meta", "versions", "training")
 
 
+MODEL_KEYS = ("cell", "units", "embed_dim", "dropout", "attention_units", "doubly_stochastic")
+
+
+def _decoder_row(decoder: str, files: dict[str, Any]) -> str:
+    """The decoder and its sizes; for attention also its attention width and the weight of its
+    doubly stochastic regularisation."""
+    model = {key: _get(files, "config", "model", key) for key in MODEL_KEYS}
+    row = (
+        f"{decoder}: {str(model['cell']).upper()} {model['units']} units, embedding "
+        f"{model['embed_dim']}, dropout {model['dropout']}"
+    )
+    if decoder == "attention":
+        row += (
+            f", attention {model['attention_units']} units, doubly stochastic "
+            f"regularisation {model['doubly_stochastic']}"
+        )
+    return row
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -65,6 +85,19 @@ def _get(files: dict, name: str, *keys: str, default: Any = "?") -> Any:
     return default if value is None else value
 
 
+def _features(meta: Any) -> str:
+    """The features, for the card: 4096-d features, or 7x7 grid of 512-d features (112x112
+    images) for a grid cache (features_meta.json)."""
+    meta = meta if isinstance(meta, dict) else {}
+    text = f"{meta.get('dim', '?')}-d features"
+    _, grid = layout_of(meta)
+    if grid is None:
+        return text
+    text = f"{grid[0]}x{grid[1]} grid of {text}"
+    size = meta.get("input_size")  # absent from caches made by other models
+    return f"{text} ({size[0]}x{size[-1]} images)" if isinstance(size, list) and size else text
+
+
 def _header(summary: RunSummary, files: dict) -> str:
     vocab = files["vocab"]
     epochs_done = f"{_text(summary.epoch)} of {_text(summary.epochs)} epochs"
@@ -78,15 +111,10 @@ def _header(summary: RunSummary, files: dict) -> str:
         "dataset": f"{summary.dataset or '?'}, split {_get(files, 'config', 'data', 'split')}",
         "encoder": (
             f"{summary.encoder or '?'} (weights {_get(files, 'features_meta', 'weights')}), "
-            f"{_get(files, 'features_meta', 'dim')}-d features, "
+            f"{_features(files.get('features_meta', {}))}, "
             f"{_get(files, 'features_meta', 'precision')}"
         ),
-        "decoder": (
-            f"{summary.decoder}: {str(_get(files, 'config', 'model', 'cell')).upper()} "
-            f"{_get(files, 'config', 'model', 'units')} units, embedding "
-            f"{_get(files, 'config', 'model', 'embed_dim')}, "
-            f"dropout {_get(files, 'config', 'model', 'dropout')}"
-        ),
+        "decoder": _decoder_row(summary.decoder, files),
         "vocabulary": (
             f"{_get(files, 'vocab', 'size')} tokens (words seen at least "
             f"{_get(files, 'vocab', 'settings', 'min_count')} times in training), captions up "

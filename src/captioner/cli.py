@@ -20,8 +20,10 @@ from captioner.cli_options import (
     config_options,
     fail_cleanly,
     resolve,
+    run_option,
     start_tensorflow,
 )
+from captioner.limits import LIMITS
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) is noise on stderr for a CLI.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -117,6 +119,11 @@ def clean(
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
 @click.option("--shard", default=None, metavar="I/N", help="Compute only shard I of N (0..N-1).")
 @click.option("--merge", is_flag=True, help="Assemble finished shards into the one cache.")
+@click.option(
+    "--grid",
+    is_flag=True,
+    help="Cache each image's last convolutional map (features.layout=grid), for attention.",
+)
 @fail_cleanly
 def features(
     encoder: str | None,
@@ -125,13 +132,16 @@ def features(
     precision: str | None,
     shard: str | None,
     merge: bool,
+    grid: bool,
     **common: Any,
 ) -> None:
-    """Run the image encoder once over every image; cache to features/<encoder>/.
+    """Run the image encoder once over every image; cache to features/<encoder>[-grid]/.
 
     \b
     Example:
       captioner features --dataset flickr8k --encoder vgg16 --weights imagenet
+      captioner features --dataset flickr8k --grid        # block5_conv3, 14x14x512
+      captioner features --dataset flickr8k --grid --set features.grid_size=7
       captioner features --dataset demo --weights none --batch-size 32
     """
     cfg = resolve(
@@ -142,6 +152,7 @@ def features(
             "features.batch_size": batch_size,
             "features.precision": precision,
             "features.shard": shard,
+            "features.layout": "grid" if grid else None,
         },
     )
     start_tensorflow()
@@ -170,6 +181,12 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 @main.command()
 @config_options
 @click.option("--encoder", default=None, help="Which feature cache to train on.")
+@click.option(
+    "--decoder",
+    type=click.Choice(LIMITS["model.decoder"]),
+    default=None,
+    help="The caption model (model.decoder); its features are extracted if missing.",
+)
 @click.option("--weights", default=None, help="Encoder weights if features must be computed.")
 @click.option("--epochs", type=int, default=None)
 @click.option(
@@ -193,6 +210,7 @@ def tokenizer(min_count: int | None, **common: Any) -> None:
 @fail_cleanly
 def train(
     encoder: str | None,
+    decoder: str | None,
     weights: str | None,
     epochs: int | None,
     batch_size: int | None,
@@ -201,11 +219,12 @@ def train(
     resume: bool,
     **common: Any,
 ) -> None:
-    """Train the merge model, running any missing earlier stage first.
+    """Train a caption model, running any missing earlier stage first.
 
     \b
     Example:
       captioner train --dataset flickr8k              # downloads, cleans, extracts, trains
+      captioner train --dataset flickr8k --decoder attention     # on features/vgg16-grid/
       captioner train --dataset demo --epochs 5
       captioner train --dataset flickr8k --name f8k --resume
       captioner train --dataset flickr8k --name f8k --resume --epochs 30   # train further
@@ -214,6 +233,7 @@ def train(
         **common,
         **{
             "features.encoder": encoder,
+            "model.decoder": decoder,
             "features.weights": weights,
             "train.epochs": epochs,
             "train.batch_size": batch_size,
@@ -228,13 +248,7 @@ def train(
 
 
 @main.command()
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A run directory made by `captioner train`.",
-)
+@run_option
 @click.option("--split", default="test", show_default=True, help="train, dev or test.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--data-dir", default=None, help="Where the run's dataset lives, if moved.")
@@ -264,9 +278,22 @@ def evaluate(run_dir: str, split: str, beam: int | None, data_dir: str | None) -
 @click.option("--runs-dir", default="runs", show_default=True, help="Where to look for runs.")
 @click.option("--beam", type=int, default=None, help="Beam width (1 = greedy).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of TSV.")
+@click.option(
+    "--attention",
+    "attention_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Also draw where each word looked: DIR/<image>.png per image (attention runs; "
+    "needs pip install 'captioner[plots]').",
+)
 @fail_cleanly
 def caption(
-    images: tuple[str, ...], runs: tuple[str, ...], runs_dir: str, beam: int | None, as_json: bool
+    images: tuple[str, ...],
+    runs: tuple[str, ...],
+    runs_dir: str,
+    beam: int | None,
+    as_json: bool,
+    attention_dir: str | None,
 ) -> None:
     """Caption images (files or folders) with one or several trained models.
 
@@ -274,15 +301,24 @@ def caption(
     Example:
       captioner caption photo.jpg
       captioner caption photos/ --model runs/f30k --model runs/f8k --beam 5 --json
+      captioner caption photo.jpg --model runs/f8k-attention --attention maps/
     """
     start_tensorflow()
     from captioner import caption as stage
 
-    failures = stage.caption_command(images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json)
+    failures = stage.caption_command(
+        images, runs, runs_dir=runs_dir, beam=beam, as_json=as_json, attention_dir=attention_dir
+    )
     sys.exit(1 if failures else 0)
 
 
-for command in (cli_results.runs, cli_results.plot, cli_results.app, cli_deploy.export):
+for command in (
+    cli_results.runs,
+    cli_results.plot,
+    cli_results.app,
+    cli_deploy.serve,
+    cli_deploy.export,
+):
     main.add_command(command)
 
 

@@ -1,21 +1,18 @@
-"""The `captioner` commands that take a trained model elsewhere: `export`. cli.py adds them to
+"""The `captioner` commands that take a trained model elsewhere: `export` (a SavedModel or
+TFLite file) and `serve` (the HTTP service). cli.py adds them to
 the `captioner` group; like every command, they only parse options and call their module."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from captioner.cli_options import fail_cleanly, start_tensorflow
+from captioner.cli_options import fail_cleanly, run_option, start_tensorflow
 
 
 @click.command()
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="A finished run directory made by `captioner train`.",
-)
+@run_option
 @click.option(
     "--format",
     "fmt",
@@ -50,3 +47,67 @@ def export(run_dir: str, fmt: str, quantize: str | None, beam: int | None, out: 
     from captioner import export as stage
 
     click.echo(stage.export(run_dir, out, fmt=fmt, beam=beam, quantize=quantize))
+
+
+@click.command()
+@run_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8501, show_default=True, help="0 = any free."
+)
+@click.option("--name", default="", help="Model name in the URLs (default: the run's name).")
+@click.option("--beam", type=int, default=None, help="Beam width (1 = greedy; default: the run's).")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 1024),
+    default=64,
+    show_default=True,
+    help="Images captioned together at most (1 = no batching).",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(0, 10_000),
+    default=5.0,
+    show_default=True,
+    help="How long a batch waits for more requests once the first arrived.",
+)
+@click.option(
+    "--max-request-mb",
+    type=click.FloatRange(0.001, 4096),
+    default=32.0,
+    show_default=True,
+    help="Larger request bodies get a 413.",
+)
+@fail_cleanly
+def serve(
+    run_dir: str,
+    host: str,
+    port: int,
+    name: str,
+    beam: int | None,
+    max_batch: int,
+    max_wait_ms: float,
+    max_request_mb: float,
+) -> None:
+    """Serve a trained run over HTTP: TensorFlow Serving's REST API, with dynamic batching.
+
+    Needs the optional extra: pip install 'captioner[serve]'. README, "Use your model elsewhere".
+
+    \b
+    Example:
+      captioner serve --run runs/demo --port 8501
+      curl -F image=@photo.jpg http://127.0.0.1:8501/caption
+    """
+    start_tensorflow()
+    from captioner import serve as service
+
+    service.serve(
+        Path(run_dir),
+        host=host,
+        port=port,
+        name=name,
+        beam=beam,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_request_mb=max_request_mb,
+    )

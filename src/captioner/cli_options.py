@@ -99,3 +99,13 @@ def resolve(
         **{"data.data_dir": data_dir, "seed": seed},
         **flags,
     )
+
+
+# --run RUN_DIR: the one trained run a command works on (evaluate, serve).
+run_option = click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A run directory made by `captioner train`.",
+)

@@ -1,6 +1,6 @@
-"""The `captioner` commands that look at results: `runs` (list them), `plot` and `app` (the web
-page). cli.py adds them to the `captioner` group; like every command, they only parse options
-and call their module."""
+"""The `captioner` commands that look at results: `runs` (list them), `plot` and `app` (the
+web page). cli.py adds them to the `captioner` group; like every
+command, they only parse options and call their module."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from typing import Any
 
 import click
 
-from captioner.cli_options import config_options, fail_cleanly, resolve
+from captioner.cli_options import (
+    config_options,
+    fail_cleanly,
+    resolve,
+    start_tensorflow,
+)
 from captioner.runs import SORT_COLUMNS
 
 
@@ -53,7 +58,7 @@ def runs(runs_dir: str, as_json: bool, sort: str) -> None:
     "run_dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="Also plot this run's loss curves and generated captions.",
+    help="Also plot this run's loss curves, generated captions and (attention) maps.",
 )
 @click.option(
     "--out",
@@ -65,7 +70,8 @@ def runs(runs_dir: str, as_json: bool, sort: str) -> None:
 )
 @fail_cleanly
 def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
-    """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions.
+    """Draw PNGs: sample captions, word counts, feature clusters, loss, generated captions,
+    and for an attention run where each word of test captions looked.
 
     Needs the optional extra: pip install 'captioner[plots]'.
 
@@ -75,6 +81,8 @@ def plot(run_dir: str | None, out_dir: str, **common: Any) -> None:
       captioner plot --dataset demo --run runs/demo --out plots/
     """
     cfg = resolve(**common)
+    if run_dir:
+        start_tensorflow()  # an attention run's page decodes test images
     from captioner import plots as stage
 
     for path in stage.plot(cfg, Path(out_dir), Path(run_dir) if run_dir else None):

@@ -2,6 +2,8 @@
 
 Features stay a memory-mapped array: the dataset carries feature *row numbers* and gathers the
 rows of one batch at a time, so memory does not grow with the number of captions or images.
+Rows reach the model in the shape its decoder takes (feature_cache.for_decoder): `takes`
+"pooled" gives (B, D), or (B, C) from a grid cache (mean over regions); "grid" gives (B, H, W, C).
 TensorFlow is imported inside make_dataset, so the tokenizer stage does not pay for it.
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from captioner.errors import CaptionerError
+from captioner.feature_cache import for_decoder
 from captioner.io import log
 from captioner.text import END_ID, START_ID
 
@@ -51,23 +54,34 @@ def encode_split(
 
 
 VARIANCE_FLOOR = 0.01  # relative to the mean variance over dimensions
+STATS_BYTES = 64 << 20  # feature_stats reads at most this much of the cache at a time
 
 
 def feature_stats(
-    features: np.ndarray, rows: np.ndarray, chunk_size: int = 2048
+    features: np.ndarray,
+    rows: np.ndarray,
+    chunk_size: int = 2048,
+    takes: str = "pooled",
+    decoder: str = "merge",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance (D,) of the given rows, read in chunks: a memmap is never loaded whole."""
+    """Mean and variance (D,) of the given rows as the decoder takes them (for a grid decoder:
+    over every region of every image), read in chunks: a memmap is never loaded whole."""
     unique = np.unique(rows)  # sorted: reads the memmap front to back
     if unique.size == 0:
         raise CaptionerError("no training features to compute statistics from")
-    total = np.zeros(features.shape[1], np.float64)
-    total_sq = np.zeros(features.shape[1], np.float64)
+    chunk_size = max(1, min(chunk_size, STATS_BYTES // max(1, features[:1].nbytes)))
+    dimension = features.shape[-1]
+    total = np.zeros(dimension, np.float64)
+    total_sq = np.zeros(dimension, np.float64)
+    count = 0
     for start in range(0, unique.size, chunk_size):
-        chunk = np.asarray(features[unique[start : start + chunk_size]], dtype=np.float64)  # (c, D)
-        total += chunk.sum(axis=0)
-        total_sq += np.square(chunk).sum(axis=0)
-    mean = total / unique.size
-    variance = np.maximum(total_sq / unique.size - np.square(mean), 0.0)
+        chunk = for_decoder(features[unique[start : start + chunk_size]], takes, decoder)
+        vectors = chunk.reshape(-1, dimension).astype(np.float64)  # (c, D) or (c*H*W, C)
+        total += vectors.sum(axis=0)
+        total_sq += np.square(vectors).sum(axis=0)
+        count += len(vectors)
+    mean = total / count
+    variance = np.maximum(total_sq / count - np.square(mean), 0.0)
     # A dimension (almost) constant in training (a ReLU unit dead on every training image) would
     # be divided by ~0 and blow up on the few other images where it fires: floor the variance at
     # a small fraction of the typical one, so such dimensions stay near zero after standardising.
@@ -76,19 +90,20 @@ def feature_stats(
 
 
 def _row_reader(features: np.ndarray):
-    """rows (B,) -> features (B, D) float32. Rows of a memory-mapped .npy are read with pread:
-    pages touched through the mapping would stay in this process's RSS (with readahead, the
-    whole file within an epoch: +520 MB for Flickr30k), pages read stay in the page cache."""
+    """rows (B,) -> the stored rows (B, D) or (B, H, W, C). Rows of a memory-mapped .npy are
+    read with pread: pages touched through the mapping would stay in this process's RSS (with
+    readahead, the whole file within an epoch: +520 MB for Flickr30k), pages read stay in the
+    page cache."""
     if not (isinstance(features, np.memmap) and features.filename and features.flags.c_contiguous):
-        return lambda rows: np.asarray(features[rows], dtype=np.float32)
+        return lambda rows: features[rows]
     handle = open(features.filename, "rb")  # open as long as the dataset is
-    row_bytes = features.shape[1] * features.dtype.itemsize
+    row_bytes = features[:1].nbytes
 
     def read(rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), features.shape[1]), features.dtype)
+        out = np.empty((len(rows), *features.shape[1:]), features.dtype)
         for i, row in enumerate(rows):
             os.preadv(handle.fileno(), [out[i]], features.offset + int(row) * row_bytes)
-        return out.astype(np.float32, copy=False)
+        return out
 
     return read
 
@@ -102,8 +117,11 @@ def make_dataset(
     seed: int,
     bucket: bool = False,
     shuffle_buffer: int = 0,
+    takes: str = "pooled",
+    decoder: str = "merge",
 ) -> tf.data.Dataset:
-    """({"features": (B, D) float32, "tokens": (B, T) int32}, targets (B, T) int32) batches.
+    """({"features": F float32, "tokens": (B, T) int32}, targets (B, T) int32) batches, F the
+    shape decoder `decoder` takes (`takes`, its FEATURES): (B, D), or (B, H, W, C) for "grid".
 
     tokens = [<start>, w1..wn], targets = [w1..wn, <end>], both padded with 0 to the longest
     caption of the batch. `shuffle_buffer` 0 shuffles over the whole split.
@@ -144,14 +162,31 @@ def make_dataset(
     else:
         dataset = dataset.padded_batch(batch_size)  # pads with 0 = <pad>
 
-    dimension = features.shape[1]
+    # the shape of one row as the decoder takes it (a pooled cache for a grid decoder: one line)
+    shape = for_decoder(features[:0], takes, decoder).shape[1:]
+    read = _row_reader(features)
 
-    gather = _row_reader(features)  # (B,) rows -> (B, D) float32
+    def gather(rows: np.ndarray) -> np.ndarray:  # (B,) rows -> (B, *shape) float32
+        return for_decoder(read(rows), takes, decoder)
 
     def with_features(batch_rows, tokens, targets):
         batch_features = tf.numpy_function(gather, [batch_rows], tf.float32, stateful=False)
-        batch_features.set_shape((None, dimension))
+        batch_features.set_shape((None, *shape))
         return {"features": batch_features, "tokens": tokens}, targets
 
     dataset = dataset.map(with_features, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(_no_autotuner())
+
+
+def _no_autotuner():
+    """tf.data options without the autotuner's background thread. Its rounds come further and
+    further apart (the period doubles, past 20 s) and an iterator is released only when the
+    thread next wakes up, so with it every epoch of `fit` and every evaluation ended up to a
+    period late: one 41 s epoch of the training benchmark held 17-45 s of that wait
+    (BENCHMARKS.md). Without it, AUTOTUNE means one parallel call per core and a prefetch
+    buffer that grows while the model waits: as fast here."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options

@@ -16,6 +16,12 @@ compete for the slots and "every beam ended early" needs no special case. Hypoth
 by log-probability / length**length_penalty (0 = plain log-probability; length counts the words
 and the <end> token). `no_repeat_ngram=n` forbids any word that would repeat an n-gram already
 in the hypothesis. Log-probabilities are over the ids a caption may contain, under the blocking.
+
+The decoder's state is (image, carry) (models/decoder.py): beam search repeats the carry per beam
+and reorders it with the hypotheses; the image's parts (attention: the regions and their
+projection) keep one row per image, shared by its beams. With `maps=True` the loops also return
+the attention map of every chosen word, (B, max_length, L), for a decoder with attention (its
+`regions` is L); beam search carries each surviving hypothesis's maps along with its words.
 """
 
 from __future__ import annotations
@@ -32,24 +38,31 @@ BLOCK = 64  # columns per block in _top_k
 
 
 def greedy_tokens(
-    decoder: Decoder, features, max_length: int, compiled: bool = True, scores: bool = False
+    decoder: Decoder,
+    features,
+    max_length: int,
+    compiled: bool = True,
+    scores: bool = False,
+    maps: bool = False,
 ):
-    """Greedy decoding as graph ops (call while tracing). features (B, D) float32 ->
+    """Greedy decoding as graph ops (call while tracing). features (B, ...) float32 ->
     (ids (B, max_length) int32, <pad> after <end>; log-probabilities (B,) of the captions,
-    <end> included, or None unless `scores`: the normaliser costs one more pass per step).
+    <end> included, or None unless `scores`: the normaliser costs one more pass per step;
+    attention maps (B, max_length, L) of each step, or None unless `maps`).
 
     compiled: the decoder's step_fn (XLA) instead of its plain step."""
     batch = tf.shape(features)[0]
     kernel, bias = _allowed_projection(decoder)  # (U, A), (A,)
     # the step only: the projection stays with oneDNN's matmul
     step = decoder.step_fn() if compiled else decoder.step
-    state = decoder.start(features)
+    image, carry = decoder.start(features)
     token = tf.fill([batch], START_ID)
     done = tf.zeros([batch], tf.bool)
     total = tf.zeros([batch])  # log-probability so far
     output = tf.zeros([max_length, batch], tf.int32)  # time-major so each step writes a row
+    attention = tf.zeros([max_length, batch, decoder.regions if maps else 0])
     for t in tf.range(max_length):
-        hidden, state, _ = step(token, state)  # (B, U)
+        hidden, (_, carry), alpha = step(token, (image, carry))  # (B, U), ..., (B, L) | None
         logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B, A)
         if scores:
             best = tf.reduce_max(logits, axis=-1) - tf.reduce_logsumexp(logits, axis=-1)  # (B,)
@@ -57,10 +70,16 @@ def greedy_tokens(
         token = tf.argmax(logits, axis=-1, output_type=tf.int32) + FIRST_ALLOWED
         token = tf.where(done, PAD_ID, token)  # (B,)
         output = tf.tensor_scatter_nd_update(output, [[t]], token[None])
+        if maps:
+            attention = tf.tensor_scatter_nd_update(attention, [[t]], alpha[None])
         done = done | (token == END_ID)
         if tf.reduce_all(done):
             break
-    return tf.transpose(output), (total if scores else None)  # (B, max_length), (B,)
+    return (
+        tf.transpose(output),  # (B, max_length)
+        total if scores else None,  # (B,)
+        tf.transpose(attention, (1, 0, 2)) if maps else None,  # (B, max_length, L)
+    )
 
 
 def beam_tokens(
@@ -71,10 +90,12 @@ def beam_tokens(
     length_penalty: float = 0.0,
     no_repeat_ngram: int = 0,
     compiled: bool = True,
+    maps: bool = False,
 ):
-    """Beam search as graph ops (call while tracing). features (B, D) float32 -> (ids
+    """Beam search as graph ops (call while tracing). features (B, ...) float32 -> (ids
     (B, max_length) int32 of each image's best hypothesis, <pad> after <end>; its log-probability
-    (B,), <end> included, not divided by any length penalty).
+    (B,), <end> included, not divided by any length penalty; its attention maps
+    (B, max_length, L), or None unless `maps`).
 
     beam: an int, or an int32 scalar tensor (>= 1) when the width is an input of the graph.
     compiled: the decoder's step_fn and an XLA-fused _scan instead of plain ops."""
@@ -88,24 +109,28 @@ def beam_tokens(
     kernel, bias = _allowed_projection(decoder)  # (U, A), (A,)
     step = decoder.step_fn() if compiled else decoder.step
     scan = _scan if compiled else _scan_ops
-    state = tf.nest.map_structure(  # every part (B*K, ...)
-        lambda part: tf.repeat(part, beam, axis=0), decoder.start(features)
-    )
+    # The carry (B*K, ...) is repeated per beam and reordered with the hypotheses; the image's
+    # parts keep one row per image, shared by its beams (rows b*K ... b*K + K-1)
+    image, carry = decoder.start(features)
+    carry = tf.nest.map_structure(lambda part: tf.repeat(part, beam, axis=0), carry)
     token = tf.fill([rows], START_ID)
     # Only hypothesis 0 is alive at first, so the first step does not pick K copies of it.
     scores = tf.tile(_first_free(beam)[None], [batch, 1])  # (B, K)
     lengths = tf.zeros([batch, beam])  # tokens scored, including <end>
     done = tf.zeros([batch, beam], tf.bool)
     sequences = tf.zeros([rows, max_length], tf.int32)
+    attention = tf.zeros([rows, max_length, decoder.regions if maps else 0])
     # Rows are regrouped through reshapes by `batch`, a tensor: their number is unknown to the
     # loop even when the caller's batch is static.
-    loop_variables = (scores, lengths, done, sequences, token, state)
+    loop_variables = (scores, lengths, done, sequences, token, carry) + (
+        (attention,) if maps else ()
+    )
     any_rows = tf.nest.map_structure(lambda x: tf.TensorShape([None, *x.shape[1:]]), loop_variables)
     for t in tf.range(max_length):
         tf.autograph.experimental.set_loop_options(
             shape_invariants=list(zip(loop_variables, any_rows, strict=True))
         )
-        hidden, state, _ = step(token, state)  # (B*K, U)
+        hidden, (_, carry), alpha = step(token, (image, carry))  # (B*K, U), ..., (B*K, L)
         logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B*K, A)
         if no_repeat_ngram > 0:
             logits += _repeated_ngram_mask(sequences, t, no_repeat_ngram, logits.shape[1])
@@ -129,17 +154,20 @@ def beam_tokens(
         lengths = tf.gather(candidate_length, origin, batch_dims=1)
         done = tf.gather(done, origin, batch_dims=1) | (new_token == END_ID)
         parent = tf.reshape(origin + tf.range(batch)[:, None] * beam, [rows])  # (B*K,)
-        state = _reorder(state, parent)
+        carry = _reorder(carry, parent)
         token = tf.reshape(new_token, [rows])
-        sequences = tf.gather(sequences, parent)
-        sequences = tf.tensor_scatter_nd_update(
-            sequences, tf.stack([tf.range(rows), tf.fill([rows], t)], axis=1), token
-        )
+        at_t = tf.stack([tf.range(rows), tf.fill([rows], t)], axis=1)  # (B*K, 2)
+        sequences = tf.tensor_scatter_nd_update(tf.gather(sequences, parent), at_t, token)
+        if maps:  # the new word's map is its parent's attention at this step
+            attention = tf.tensor_scatter_nd_update(
+                tf.gather(attention, parent), at_t, tf.gather(alpha, parent)
+            )
         if tf.reduce_all(done):
             break
     # top_k sorted every image's hypotheses by rank, so hypothesis 0 is the best one.
     best_sequence = tf.reshape(sequences, [batch, beam, max_length])[:, 0]  # (B, max_length)
-    return best_sequence, scores[:, 0]
+    best_maps = tf.reshape(attention, [batch, beam, max_length, -1])[:, 0] if maps else None
+    return best_sequence, scores[:, 0], best_maps
 
 
 def decode_tokens(
@@ -156,12 +184,12 @@ def decode_tokens(
     tf.cond). -> (ids (B, max_length) int32, log-probabilities (B,))."""
 
     def greedy_branch():
-        return greedy_tokens(decoder, features, max_length, compiled, scores=True)
+        return greedy_tokens(decoder, features, max_length, compiled, scores=True)[:2]
 
     def beam_branch():
         return beam_tokens(
             decoder, features, max_length, beam, length_penalty, no_repeat_ngram, compiled
-        )
+        )[:2]
 
     if no_repeat_ngram > 0:
         return beam_branch()
@@ -182,9 +210,9 @@ def _first_free(width):
     return tf.where(tf.range(width) == 0, 0.0, MASKED)
 
 
-def _reorder(state, parent):
-    """Every part of the state (B*K, ...) taken from the hypotheses the new ones extend."""
-    return tf.nest.map_structure(lambda part: tf.gather(part, parent), state)
+def _reorder(carry, parent):
+    """Every part of the carry (B*K, ...) taken from the hypotheses the new ones extend."""
+    return tf.nest.map_structure(lambda part: tf.gather(part, parent), carry)
 
 
 def _repeated_ngram_mask(sequences, t, n: int, width: int):

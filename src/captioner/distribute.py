@@ -76,13 +76,15 @@ def fit_multiworker(
     dev_data,
     epochs: int,
     initial_epoch: int,
-    callback: keras.callbacks.Callback,
+    callbacks: list[keras.callbacks.Callback],
 ) -> None:
     """model.fit's epoch loop for MultiWorkerMirroredStrategy, with the model's own steps.
 
     Keras 3 fit() fails under this strategy (keras-team/keras#20329, #20585: it reduces nested
     input batches and scalar logs with collectives that do not accept them), so this loop runs
     model.train_step / test_step per replica and averages the logged losses over workers.
+    `callbacks` get fit's train- and epoch-level hooks (not the per-batch ones), with the
+    averaged "loss" and "val_loss", so Keras' TensorBoard callback works here too.
     """
     import tensorflow as tf
 
@@ -99,8 +101,10 @@ def fit_multiworker(
         lambda batch: strategy.run(model.test_step, args=(batch,)),
         input_signature=[dev_batches.element_spec],
     )
-    callback.set_model(model)
+    hooks = keras.callbacks.CallbackList(callbacks, model=model)
+    hooks.on_train_begin()
     for epoch in range(initial_epoch, epochs):
+        hooks.on_epoch_begin(epoch)
         logs = {
             "loss": _run_epoch(strategy, model, train_step, train_batches),
             "val_loss": _run_epoch(strategy, model, test_step, dev_batches),
@@ -109,9 +113,10 @@ def fit_multiworker(
             f"epoch {epoch + 1}/{epochs} - loss: {logs['loss']:.4f} - "
             f"val_loss: {logs['val_loss']:.4f}"
         )
-        callback.on_epoch_end(epoch, logs)  # outside the scope: saving creates no collectives
+        hooks.on_epoch_end(epoch, logs)  # outside the scope: saving creates no collectives
         if model.stop_training:
             break
+    hooks.on_train_end()
 
 
 def _run_epoch(strategy: Any, model: keras.Model, step, batches) -> float:

@@ -1,4 +1,10 @@
-"""Image encoders: a small registry over keras.applications and the image decoding they share.
+"""Image encoders: the registered networks (encoder_specs.py) built with keras.applications, and
+the image decoding they share.
+
+An encoder gives each image either one vector (layout "pooled": VGG16's fc2, the others' global
+average pool) or its last convolutional map (layout "grid", (H, W, C): VGG16's block5_conv3,
+14x14x512 at 224 pixels as in Show, Attend and Tell; the others' last block, 7x7xC), optionally
+average-pooled to a smaller grid (grid_size) and at another input size (image_size).
 
 Decoding reproduces the reference approach's `keras.utils.load_img(path, target_size=(224, 224))`
 exactly (Pillow: open, convert to RGB, resize with NEAREST), so a feature computed here equals the
@@ -15,7 +21,6 @@ import os
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -23,9 +28,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
+from captioner.encoder_specs import ENCODERS, EncoderSpec
 from captioner.errors import CaptionerError
 
-KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # Only regular files up to this size are read as images (README, "Safety"): larger than any
 # photo Pillow would decode within its pixel limit, small enough that a few at once fit in memory.
 MAX_IMAGE_BYTES = 256 << 20
@@ -34,59 +39,6 @@ NOT_REGULAR = "not a regular file (a FIFO, device or folder); only image files a
 # Pillow only warns between 1x and 2x its pixel limit (and refuses above): load_image refuses
 # both and reports it as one line, so the warning itself would be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """One keras.applications network cut where its image vector is."""
-
-    name: str
-    application: str  # constructor in keras.applications
-    module: str  # keras.applications submodule holding its preprocess_input
-    output: str  # a layer name of the full network (e.g. "fc2"), or "avg" = pooled trunk
-    dim: int
-    weights_url: str  # where Keras fetches the ImageNet weights (for the offline hint)
-    size: int = 224
-
-
-ENCODERS: dict[str, EncoderSpec] = {
-    spec.name: spec
-    for spec in (
-        EncoderSpec(
-            "vgg16",
-            "VGG16",
-            "vgg16",
-            "fc2",
-            4096,
-            KERAS_WEIGHTS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
-        ),
-        EncoderSpec(
-            "resnet50",
-            "ResNet50",
-            "resnet50",
-            "avg",
-            2048,
-            KERAS_WEIGHTS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        ),
-        EncoderSpec(
-            "efficientnetb0",
-            "EfficientNetB0",
-            "efficientnet",
-            "avg",
-            1280,
-            "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
-        ),
-        # Small and fast (~0.1 GFLOP per image): quick experiments and tests.
-        EncoderSpec(
-            "mobilenetv3small",
-            "MobileNetV3Small",
-            "mobilenet_v3",
-            "avg",
-            576,
-            KERAS_WEIGHTS + "mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
-        ),
-    )
-}
 
 
 class BadImage(Exception):
@@ -128,7 +80,14 @@ def load_image(path: str | Path, size: int = 224) -> np.ndarray:
     Like load_img: no EXIF rotation, alpha dropped, NEAREST resize. Unlike it, 16-bit images are
     scaled to 8 bits (Pillow's convert would clip them to white). Raises BadImage.
     """
-    data = read_image_file(path)
+    return decode_image(read_image_file(path), size)
+
+
+def decode_image(data: bytes, size: int = 224) -> np.ndarray:
+    """load_image for the bytes of an image file (an upload, say): (size, size, 3) uint8 RGB,
+    the same pixels as load_image gives for a file holding these bytes. Raises BadImage."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
     too_large = BadImage(
         f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels; "
         "resize it or raise PIL.Image.MAX_IMAGE_PIXELS"
@@ -176,24 +135,48 @@ def resolve_precision(precision: str) -> str:
 
 
 class Encoder:
-    """A built network plus the decode -> preprocess -> infer pipeline around it."""
+    """A built network plus the decode -> preprocess -> infer pipeline around it.
+
+    row_shape: what one image gives, (D,) pooled or (H, W, C) grid; dim = D or C."""
 
     def __init__(
-        self, spec: EncoderSpec, model: keras.Model, weights: str, precision: str, seed: int
+        self,
+        spec: EncoderSpec,
+        model: keras.Model,
+        weights: str,
+        precision: str,
+        seed: int,
+        layout: str = "pooled",
     ) -> None:
-        self.spec, self.model = spec, model
-        self.name, self.dim, self.size = spec.name, spec.dim, spec.size
+        self.spec, self.model, self.layout = spec, model, layout
+        self.name, self.size = spec.name, int(model.input_shape[1])
+        self.row_shape = tuple(int(n) for n in model.output_shape[1:])
+        self.dim = self.row_shape[-1]
+        self.grid = self.row_shape[:2] if layout == "grid" else None
         self.weights, self.precision, self.seed = weights, precision, seed
         self._preprocess = getattr(keras.applications, spec.module).preprocess_input
         # One trace for every batch size (the last batch of a chunk is often shorter).
-        signature = [tf.TensorSpec((None, spec.size, spec.size, 3), tf.uint8)]
+        signature = [tf.TensorSpec((None, self.size, self.size, 3), tf.uint8)]
         self._infer = tf.function(self.forward, input_signature=signature)
 
+    def describe(self) -> dict:
+        """What a cache of this encoder's rows says of their shape (meta.json)."""
+        shape = {"dim": self.dim, "layout": self.layout, "input_size": [self.size, self.size]}
+        return shape | ({"grid": list(self.grid)} if self.grid else {})
+
     def forward(self, images: tf.Tensor) -> tf.Tensor:
-        """(B, size, size, 3) uint8 -> (B, D) float32 features, whatever the compute dtype:
+        """(B, S, S, 3) uint8 -> (B, *row_shape) float32 features, whatever the compute dtype:
         preprocess_input, then the network. Graph ops: export_graph.py traces it too."""
         pixels = self._preprocess(tf.cast(images, tf.float32))
         return tf.cast(self.model(pixels, training=False), tf.float32)
+
+    def encode_images(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """Decoded images (N, size, size, 3) uint8 (decode_image's) -> features (N, D) float32,
+        `batch_size` images per inference call as encode_files runs them."""
+        parts = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(images), batch_size):
+            parts.append(self._infer(tf.constant(images[start : start + batch_size])).numpy())
+        return np.concatenate(parts)
 
     def _dataset(self, groups: Sequence[Sequence[str]], batch_size: int) -> tf.data.Dataset:
         """Batches of (images (B, H, W, 3) uint8, reasons (B,) string; b"" = decoded fine).
@@ -229,11 +212,12 @@ class Encoder:
     def encode_groups(
         self, groups: Sequence[Sequence[str]], batch_size: int = 16
     ) -> Iterator[tuple[int, np.ndarray, list[str], list[tuple[str, str]]]]:
-        """Per batch: (group index, features (n_ok, D) float32, ok paths, [(path, reason)])."""
+        """Per batch: (group index, features (n_ok, *row_shape) float32, ok paths,
+        [(path, reason)])."""
         order = [(index, path) for index, group in enumerate(groups) for path in group]
         done = 0
         for images, reasons in self._dataset(groups, batch_size):
-            features = self._infer(images).numpy()  # (B, D); rows of failed images are dropped
+            features = self._infer(images).numpy()  # (B, ...); failed images' rows dropped
             batch = order[done : done + len(features)]
             done += len(features)
             reasons = [reason.decode() for reason in reasons.numpy()]
@@ -252,8 +236,8 @@ class Encoder:
     def encode_files(
         self, paths: Sequence[str | Path], batch_size: int = 16
     ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
-        """(features (n_ok, D) float32, ok paths, [(path, reason)]) for image files."""
-        parts, ok_paths, failures = [np.zeros((0, self.dim), np.float32)], [], []
+        """(features (n_ok, *row_shape) float32, ok paths, [(path, reason)]) for image files."""
+        parts, ok_paths, failures = [np.zeros((0, *self.row_shape), np.float32)], [], []
         for _, features, ok, failed in self.encode_groups([[str(p) for p in paths]], batch_size):
             parts.append(features)
             ok_paths += ok
@@ -261,25 +245,57 @@ class Encoder:
         return np.concatenate(parts), ok_paths, failures
 
 
-def _build_network(spec: EncoderSpec, weights: str | None) -> keras.Model:
+def _build_network(
+    spec: EncoderSpec, weights: str | None, layout: str, size: int, grid_size: int
+) -> keras.Model:
     application = getattr(keras.applications, spec.application)
+    shape = (size, size, 3)
+    if layout == "grid":
+        trunk = application(weights=weights, include_top=False, input_shape=shape)
+        grid = trunk.get_layer(spec.grid_layer).output if spec.grid_layer else trunk.output
+        native = int(grid.shape[1])
+        if grid_size and native % grid_size:
+            raise CaptionerError(
+                f"features.grid_size: {grid_size} does not divide {spec.name}'s {native}x{native} "
+                f"grid at {size} pixels; use a divisor of {native}, or 0 for {native}x{native}"
+            )
+        if grid_size and grid_size != native:  # the mean of each block of regions
+            grid = keras.layers.AveragePooling2D(native // grid_size, name="grid_pool")(grid)
+        return keras.Model(trunk.inputs, grid, name=f"{spec.name}_grid")
     if spec.output == "avg":
-        return application(
-            weights=weights, include_top=False, pooling="avg", input_shape=(spec.size, spec.size, 3)
-        )
-    network = application(weights=weights, input_shape=(spec.size, spec.size, 3))
+        return application(weights=weights, include_top=False, pooling="avg", input_shape=shape)
+    network = application(weights=weights, input_shape=shape)
     return keras.Model(network.inputs, network.get_layer(spec.output).output, name=spec.name)
 
 
-def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 0) -> Encoder:
+def build_encoder(
+    name: str,
+    weights: str,
+    precision: str = "auto",
+    seed: int = 0,
+    layout: str = "pooled",
+    grid_size: int = 0,
+    image_size: int = 0,
+) -> Encoder:
     """Encoder `name` with weights "imagenet" (fetched by Keras once), "none" (random, seeded by
-    `seed`) or a local .h5 / .weights.h5 file; precision auto | float32 | bfloat16.
+    `seed`) or a local .h5 / .weights.h5 file; precision auto | float32 | bfloat16; layout
+    "pooled" (a vector per image) or "grid" (its last convolutional map, average-pooled to
+    grid_size x grid_size when given); image_size pixels square (0 = the encoder's own).
 
     Building takes seconds, so the last ENCODER_CACHE encoders built are kept and returned
     again: the one encoder cache, so runs made with the same encoder share one copy of it."""
     if name not in ENCODERS:
         raise CaptionerError(
             f"features.encoder: unknown encoder '{name}'; choose one of {', '.join(ENCODERS)}"
+        )
+    spec = ENCODERS[name]
+    size = image_size or spec.size
+    if layout == "pooled" and spec.output != "avg" and size != spec.size and weights != "none":
+        # the first dense layer's weights are made for the trunk's output at spec.size
+        raise CaptionerError(
+            f"features.image_size: {name}'s trained {spec.output} needs {spec.size}x{spec.size} "
+            f"images, not {size}; cache its grid instead (features.layout=grid: a merge model "
+            "takes the grid's mean), or use random weights (--weights none)"
         )
     stamp = None
     if weights not in ("imagenet", "none"):
@@ -290,28 +306,45 @@ def build_encoder(name: str, weights: str, precision: str = "auto", seed: int = 
                 "none, or an existing .h5 file"
             )
         stamp = Path(weights).stat().st_mtime_ns  # a rewritten file is a new encoder
-    return _build(name, weights, resolve_precision(precision), seed, stamp)
+    shape = (layout, grid_size if layout == "grid" else 0, size)
+    return _build(name, weights, resolve_precision(precision), seed, stamp, shape)
 
 
 @functools.lru_cache(maxsize=ENCODER_CACHE)
-def _build(name: str, weights: str, precision: str, seed: int, stamp: int | None) -> Encoder:
+def _build(
+    name: str,
+    weights: str,
+    precision: str,
+    seed: int,
+    stamp: int | None,
+    shape: tuple[str, int, int],
+) -> Encoder:
     spec = ENCODERS[name]
+    layout, grid_size, size = shape
+    # the network's weights file: a grid is cut from the trunk, which has its own (smaller) file
+    url = spec.trunk_url if layout == "grid" and spec.trunk_url else spec.weights_url
     keras.utils.set_random_seed(seed)  # the "none" weights are a function of the seed
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
     try:
-        model = _build_network(spec, None if weights == "none" else weights)
+        model = _build_network(
+            spec, None if weights == "none" else weights, layout, size, grid_size
+        )
+    except CaptionerError:
+        raise
     except Exception as error:  # Keras raises bare Exception for failed downloads
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if weights == "imagenet":
             raise CaptionerError(
                 f"{name}: could not download the ImageNet weights ({reason}); download "
-                f"{spec.weights_url} yourself and pass --weights PATH"
+                f"{url} yourself and pass --weights PATH"
             ) from None
+        if weights == "none":
+            raise CaptionerError(f"{name}: cannot be built ({reason})") from None
         raise CaptionerError(
             f"{weights}: not {name} weights ({reason}); pass the Keras file "
-            f"{spec.weights_url.rsplit('/', 1)[-1]}"
+            f"{url.rsplit('/', 1)[-1]}"
         ) from None
     finally:
         keras.config.set_dtype_policy(previous)
-    return Encoder(spec, model, weights, precision, seed)
+    return Encoder(spec, model, weights, precision, seed, layout)

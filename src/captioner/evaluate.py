@@ -76,7 +76,7 @@ def evaluate(
         log(f"model card {write_card(run_dir)}")
         return metrics_path
 
-    images, features = split_features(run, references)
+    images, cache, rows = split_rows(run, references)
     hypotheses: list[str] = []
     with tqdm(
         total=len(images),
@@ -86,7 +86,9 @@ def evaluate(
         dynamic_ncols=True,
     ) as progress:
         for start in range(0, len(images), CHUNK):
-            hypotheses += run.caption_features(features[start : start + CHUNK], decoding)
+            # rows as stored, one chunk at a time: a grid cache is never read whole
+            chunk = cache.features[rows[start : start + CHUNK]]
+            hypotheses += run.caption_features(chunk, decoding)
             progress.update(min(CHUNK, len(images) - start))
     refs = [references[image] for image in images]
     scores, notes = metrics.score_all(hypotheses, refs, with_meteor=with_meteor)
@@ -145,18 +147,22 @@ def split_references(run: LoadedRun, split: str) -> dict[str, list[str]]:
     return captions.references(rows)
 
 
-def split_features(
+def split_rows(
     run: LoadedRun, references: dict[str, list[str]]
-) -> tuple[list[str], np.ndarray]:
-    """Images of the split that have a feature row, and their features (N, D) float32."""
-    from captioner.feature_cache import load_cache
+) -> tuple[list[str], Any, np.ndarray]:
+    """Images of the split that have a feature row, the run's feature cache (checked to be the
+    one the run was trained on), and those images' row numbers (N,)."""
+    from captioner.feature_cache import layout_of, load_cache
 
     cache = load_cache(run.cfg.features_dir)
-    for key in SAME_FEATURES:
-        if cache.meta.get(key) != run.features_meta.get(key):
+    found = {key: cache.meta.get(key) for key in SAME_FEATURES}
+    wanted = {key: run.features_meta.get(key) for key in SAME_FEATURES}
+    found["layout"], wanted["layout"] = layout_of(cache.meta), layout_of(run.features_meta)
+    for key in found:
+        if found[key] != wanted[key]:
             raise CaptionerError(
-                f"{cache.path / 'meta.json'}: {key}={cache.meta.get(key)!r}, but run "
-                f"{run.run_dir} was trained on {key}={run.features_meta.get(key)!r}; extract "
+                f"{cache.path / 'meta.json'}: {key}={found[key]!r}, but run "
+                f"{run.run_dir} was trained on {key}={wanted[key]!r}; extract "
                 "features with the run's settings (see its features_meta.json)"
             )
     images = [image for image in references if image in cache.row]
@@ -170,8 +176,19 @@ def split_features(
             f"{cache.path}: none of the split's images has features; "
             "run `captioner features` for this dataset"
         )
-    rows = np.array([cache.row[image] for image in images])
-    return images, np.asarray(cache.features[rows], dtype=np.float32)
+    return images, cache, np.array([cache.row[image] for image in images], np.int64)
+
+
+def split_features(
+    run: LoadedRun, references: dict[str, list[str]]
+) -> tuple[list[str], np.ndarray]:
+    """Images of the split that have a feature row, and their features float32 in the shape the
+    run's decoder takes: (N, D), or (N, H, W, C) (all at once: for benchmarks of a split)."""
+    from captioner.models import features_of
+
+    images, cache, rows = split_rows(run, references)
+    decoder = run.cfg.model.decoder
+    return images, cache.rows(rows, features_of(decoder), decoder)
 
 
 def print_table(result: dict[str, Any]) -> None:

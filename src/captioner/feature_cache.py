@@ -1,13 +1,17 @@
 """The feature cache on disk (data/README.md): open a finished one, write one from parts.
 
-  features.npy    (N, D) float32|float16, one row per readable image, np.load(mmap_mode="r")
+  features.npy    one row per readable image, np.load(mmap_mode="r"), float32|float16:
+                  (N, D) for layout "pooled" (one vector per image), (N, H, W, C) for layout
+                  "grid" (a C-vector per region of an H x W grid: a CNN's last convolutional map)
   ids.txt         the image file name of each row
   bad_images.txt  "<image>\t<reason>" for every image that is missing or unreadable
-  meta.json       encoder, weights, dim, count, ...; written last: its presence = finished cache
+  meta.json       encoder, weights, dim (D or C), count, layout, grid [H, W], ...; written
+                  last: its presence = finished cache. No "layout" = pooled (older caches).
   checked.json    written by load_cache once every row was found finite (no NaN or infinity)
 
 features.py builds caches (in resumable chunks, or as shards it merges); train, evaluate and
-caption only read them, through load_cache.
+caption only read them, through load_cache. Every consumer gets rows in the shape its decoder
+takes through one function, for_decoder: a grid serves a pooled decoder as its mean over regions.
 """
 
 from __future__ import annotations
@@ -27,17 +31,77 @@ from captioner.io import atomic_write_bytes, log, read_json, write_json
 FORMAT = 1
 REQUIRED_META = ("encoder", "dim", "count")
 CHECK_BYTES = 64 << 20  # the finite check reads this much at a time: memory stays flat
+LAYOUTS = ("pooled", "grid")  # what a cache holds, and what a decoder takes (its FEATURES)
 
 
 @dataclass(frozen=True)
 class FeatureCache:
-    """A finished cache: features (N, D) memory-mapped, ids[i] = image of row i."""
+    """A finished cache: features (N, D) or (N, H, W, C) memory-mapped, ids[i] = image of row i."""
 
     path: Path
     features: np.ndarray
     ids: list[str]
     meta: dict[str, Any]
     row: dict[str, int]
+
+    @property
+    def layout(self) -> str:
+        return layout_of(self.meta)[0]
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """(H, W) of a grid cache, None for a pooled one."""
+        return layout_of(self.meta)[1]
+
+    def describe(self) -> str:
+        """The feature shape, for logs: 4096-d, or 14x14 grid of 512-d."""
+        dim = self.meta["dim"]
+        return f"{dim}-d" if self.grid is None else f"{self.grid[0]}x{self.grid[1]} grid of {dim}-d"
+
+    def check_takes(self, takes: str, decoder: str) -> None:
+        """One line if `decoder`, taking `takes` features, cannot use this cache."""
+        for_decoder(self.features[:0], takes, decoder, where=self.path)
+
+    def rows(self, indices, takes: str, decoder: str) -> np.ndarray:
+        """The rows `indices` (a sequence of row numbers) as decoder `decoder` takes them."""
+        self.check_takes(takes, decoder)
+        return for_decoder(self.features[np.asarray(indices, np.int64)], takes, decoder)
+
+
+def layout_of(meta: dict[str, Any]) -> tuple[str, tuple[int, int] | None]:
+    """(layout, (H, W) or None) a cache's or a run's feature meta says; no "layout" = pooled."""
+    layout = meta.get("layout", "pooled")
+    grid = meta.get("grid")
+    if layout == "grid" and isinstance(grid, list) and len(grid) == 2:
+        return layout, (int(grid[0]), int(grid[1]))
+    return layout, None
+
+
+def for_decoder(
+    rows: np.ndarray, takes: str, decoder: str, where: Path | str | None = None
+) -> np.ndarray:
+    """Feature rows, as read from a cache or made by an encoder, in the shape a decoder takes.
+
+    rows (n, D) pooled or (n, H, W, C) grid, any float dtype -> float32:
+      takes "pooled": (n, D) as they are, or (n, C) = the mean over the H*W regions of a grid
+                      (the global average pooling of a CNN's map: one extraction serves both);
+      takes "grid":   (n, H, W, C) as they are; pooled rows cannot be: one-line CaptionerError.
+    `decoder` (its model.decoder name) and `where` (the cache) only name things in the error.
+    """
+    if takes not in LAYOUTS:
+        raise CaptionerError(f"decoder {decoder} takes unknown features {takes!r}")
+    if rows.ndim not in (2, 4):
+        raise CaptionerError(
+            f"{where or 'features'}: rows of shape {rows.shape[1:]}, not (D,) or (H, W, C)"
+        )
+    if rows.ndim == 4 and takes == "pooled":
+        return rows.mean(axis=(1, 2), dtype=np.float32)  # (n, C), accumulated in float32
+    if rows.ndim == 2 and takes == "grid":
+        prefix = f"{where}: pooled features; " if where is not None else ""
+        raise CaptionerError(
+            f"{prefix}decoder {decoder} needs a grid cache: run `captioner features --grid`"
+        )
+    return np.asarray(rows, dtype=np.float32)
 
 
 def is_finished(features_dir: str | Path) -> bool:
@@ -61,16 +125,29 @@ def load_cache(features_dir: str | Path) -> FeatureCache:
         ids = (folder / "ids.txt").read_text(encoding="utf-8").splitlines()
     except (OSError, ValueError) as error:
         raise CaptionerError(f"{folder}: unreadable cache ({error}); {rerun}") from None
-    if features.ndim != 2 or features.shape != (len(ids), meta["dim"]) or meta["count"] != len(ids):
+    expected = (len(ids), *row_shape(meta, folder / "meta.json", rerun))
+    if features.shape != expected or meta["count"] != len(ids):
+        says = " x ".join(str(n) for n in (meta["count"], *expected[1:]))
         raise CaptionerError(
             f"{folder}: features.npy is {features.shape}, ids.txt has {len(ids)} "
-            f"lines, meta.json says {meta['count']} x {meta['dim']}; {rerun}"
+            f"lines, meta.json says {says}; {rerun}"
         )
     row = {name: index for index, name in enumerate(ids)}
     if len(row) != len(ids):
         raise CaptionerError(f"{folder / 'ids.txt'}: an image is listed twice; {rerun}")
     _check_finite(folder, features, ids, rerun)
     return FeatureCache(folder, features, ids, meta, row)
+
+
+def row_shape(meta: dict[str, Any], where: Path | str = "meta.json", fix: str = "") -> tuple:
+    """The shape of one row meta.json describes: (dim,) pooled, (H, W, dim) grid."""
+    layout, grid = layout_of(meta)
+    if layout not in LAYOUTS or (layout == "grid" and grid is None):
+        raise CaptionerError(
+            f"{where}: layout {layout!r} with grid {meta.get('grid')!r}; expected layout "
+            f'"pooled", or "grid" with grid [H, W]{"; " + fix if fix else ""}'
+        )
+    return (meta["dim"],) if grid is None else (*grid, meta["dim"])
 
 
 def _check_finite(folder: Path, features: np.ndarray, ids: list[str], rerun: str) -> None:
@@ -89,10 +166,11 @@ def _check_finite(folder: Path, features: np.ndarray, ids: list[str], rerun: str
             return
     except CaptionerError:
         pass  # not checked yet, or an unreadable record: check again
-    step = max(1, CHECK_BYTES // max(1, features.shape[1] * features.itemsize))
+    step = max(1, CHECK_BYTES // max(1, features[:1].nbytes))
     bad, first = 0, -1
     for start in range(0, len(features), step):
-        rows = np.flatnonzero(~np.isfinite(features[start : start + step]).all(axis=1))
+        block = features[start : start + step].reshape(-1, features[:1].size)  # (n, values)
+        rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
         if len(rows) and first < 0:
             first = start + int(rows[0])
         bad += len(rows)
@@ -137,8 +215,9 @@ def write_cache(
     ids = [name for _, names, _ in parts for name in names]
     bad = [pair for _, _, pairs in parts for pair in pairs]
     tmp = out / "features.npy.tmp"
+    shape = row_shape(meta)
     array = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.dtype(meta["dtype"]), shape=(len(ids), meta["dim"])
+        tmp, mode="w+", dtype=np.dtype(meta["dtype"]), shape=(len(ids), *shape)
     )
     start = 0
     for rows, _, _ in parts:
@@ -165,8 +244,8 @@ def write_cache(
         },
     )
     log(
-        f"{out}: {len(ids)} features of dimension {meta['dim']}, {len(bad) - missing} unreadable "
-        f"and {missing} missing images"
+        f"{out}: {len(ids)} features of shape {'x'.join(map(str, shape))}, {len(bad) - missing} "
+        f"unreadable and {missing} missing images"
     )
 
 

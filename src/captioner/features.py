@@ -1,7 +1,9 @@
-"""`captioner features`: run an image encoder once over every image and cache the vectors.
+"""`captioner features`: run an image encoder once over every image and cache what it gives.
 
-The cache goes to DIR/<dataset>/features/<encoder>/ (features.npy, ids.txt, bad_images.txt,
-meta.json last; feature_cache.py reads and writes that format, data/README.md describes it).
+The cache goes to cfg.features_dir, DIR/<dataset>/features/<encoder>/ for pooled vectors and
+features/<encoder>-grid/ for grids (features.layout; Config.features_dir names every variant):
+features.npy, ids.txt, bad_images.txt, meta.json last; feature_cache.py reads and writes that
+format, data/README.md describes it.
 
 Work in progress lives in chunks/: one .npy + .json pair per cfg.features.chunk_size images, the
 .json written (atomically) after its .npy, so a killed run redoes at most one chunk. A batch never
@@ -37,7 +39,18 @@ from captioner.io import library_versions, log, names_sha256, read_json, write_j
 from captioner.limits import parse_shard
 
 # Keys that must agree between a finished cache (or unfinished chunks, or shards) and the config.
-SETTINGS = ("encoder", "weights", "seed", "precision", "dtype", "images_sha256")
+SETTINGS = (
+    "encoder",
+    "weights",
+    "seed",
+    "precision",
+    "dtype",
+    "images_sha256",
+    "layout",
+    "grid_size",
+    "image_size",
+)
+SHAPE = ("dim", "layout", "input_size", "grid")  # what one image gives (Encoder.describe)
 
 
 # --- settings and image list ----------------------------------------------------------------------
@@ -48,8 +61,8 @@ def _image_list(cfg: Config) -> tuple[list[str], Path]:
 
 
 def _settings(cfg: Config, names: list[str]) -> dict[str, Any]:
-    """What decides the numbers in a cache (precision may still be "auto" = any)."""
-    weights = cfg.features.weights
+    """What decides the numbers in a cache (precision and dtype may still be "auto" = any)."""
+    weights, layout = cfg.features.weights, cfg.features_layout
     if weights not in ("imagenet", "none"):
         weights = str(Path(weights).expanduser().resolve())
     return {
@@ -59,11 +72,14 @@ def _settings(cfg: Config, names: list[str]) -> dict[str, Any]:
         "precision": cfg.features.precision,
         "dtype": cfg.features.dtype,
         "images_sha256": names_sha256(names),
+        "layout": layout,
+        "grid_size": cfg.features.grid_size if layout == "grid" else 0,
+        "image_size": cfg.features.image_size,
     }
 
 
 def _check_same(found: dict[str, Any], wanted: dict[str, Any], where: Path, fix: str) -> None:
-    """Keys present in both must agree; precision "auto" in `wanted` accepts any."""
+    """Keys present in both must agree; "auto" (precision, dtype) in `wanted` accepts any."""
     for key in SETTINGS:
         if key not in found or key not in wanted or wanted[key] == "auto":
             continue
@@ -120,11 +136,11 @@ def _compute(
 ) -> None:
     from captioner import encoders
 
-    spec = encoders.ENCODERS.get(cfg.features.encoder)
-    if spec is None:
+    if cfg.features.encoder not in encoders.ENCODERS:
         raise CaptionerError(
-            f"features.encoder: unknown encoder '{cfg.features.encoder}'; "
-            f"choose one of {', '.join(encoders.ENCODERS)}"
+            f"{out}: no finished feature cache, and '{cfg.features.encoder}' is no encoder to "
+            f"compute one (features.encoder: {', '.join(encoders.ENCODERS)}, or the name of a "
+            "cache folder of your own)"
         )
     settings = {**settings, "precision": encoders.resolve_precision(settings["precision"])}
     chunks_dir, size = out / "chunks", cfg.features.chunk_size
@@ -132,6 +148,7 @@ def _compute(
     # A plan binds only once a chunk is done: a start that failed before (a bad --weights file,
     # say) leaves nothing that blocks other settings.
     resuming = plan_path.is_file() and any(chunks_dir.glob("[0-9]*.json"))
+    plan: dict[str, Any] = {}
     if resuming:
         plan = read_json(plan_path)
         _check_same(
@@ -143,6 +160,10 @@ def _compute(
         size = plan["chunk_size"]  # resume on the same boundaries
     elif (out / "features.npy").is_file():
         log(f"{out}: features.npy without meta.json (unfinished or damaged); computing it again")
+    if settings["dtype"] == "auto":  # a plan's, or float16 for grids: Flickr30k's VGG16
+        # 14x14x512 grids are 6.4 GB in float16 (_stored refuses values float16 cannot hold)
+        grid = settings["layout"] == "grid"
+        settings["dtype"] = plan.get("dtype", "float16" if grid else "float32")
     chunk_names = [names[start : start + size] for start in range(0, len(names), size)]
     todo = [k for k in range(len(chunk_names)) if not (chunks_dir / f"{k:05d}.json").is_file()]
     present = {name for k in todo for name in chunk_names[k] if (images_dir / name).is_file()}
@@ -159,22 +180,25 @@ def _compute(
         )
     if len(todo) < len(chunk_names):
         log(f"resuming {out}: {len(chunk_names) - len(todo)} of {len(chunk_names)} chunks done")
-    if todo:
+    shape = {key: plan[key] for key in SHAPE if key in plan}  # what one image gives
+    if todo or "dim" not in shape:
         # the encoder before the plan: if it cannot be built, nothing is written
         encoder = encoders.build_encoder(
-            cfg.features.encoder, cfg.features.weights, settings["precision"], cfg.seed
+            cfg.features.encoder,
+            cfg.features.weights,
+            settings["precision"],
+            cfg.seed,
+            layout=settings["layout"],
+            grid_size=settings["grid_size"],
+            image_size=settings["image_size"],
         )
+        shape = encoder.describe()
         if not resuming:
-            write_json(plan_path, {**settings, "chunk_size": size})
-        _run_chunks(
-            cfg,
-            encoder,
-            chunks_dir,
-            images_dir,
-            [chunk_names[k] for k in todo],
-            todo,
-            present,
-        )
+            write_json(plan_path, {**settings, "chunk_size": size, **shape})
+    if todo:
+        groups = [chunk_names[k] for k in todo]
+        dtype = np.dtype(settings["dtype"])
+        _run_chunks(cfg, encoder, chunks_dir, images_dir, groups, todo, present, dtype)
     assemble(
         out,
         chunks_dir,
@@ -182,8 +206,7 @@ def _compute(
         {
             "format": FORMAT,
             **settings,
-            "dim": spec.dim,
-            "input_size": [spec.size, spec.size],
+            **shape,
             "chunk_size": size,
             "preprocessing": "keras.utils.load_img(target_size) equivalent + preprocess_input",
             "images_dir": str(images_dir.resolve()),
@@ -201,6 +224,7 @@ def _run_chunks(
     chunk_names: list[list[str]],
     chunk_ids: list[int],
     present: set[str],
+    dtype: np.dtype,
 ) -> None:
     """Encode the present images of each chunk; write each chunk as soon as it is complete."""
     name_of = {str(images_dir / n): n for chunk in chunk_names for n in chunk if n in present}
@@ -213,12 +237,11 @@ def _run_chunks(
         }
         for k, chunk in enumerate(chunk_names)
     }
-    dtype = np.dtype(cfg.features.dtype)
 
     def finish(k: int) -> None:
         part = pending.pop(k)
-        rows = np.concatenate(part["rows"] or [np.zeros((0, encoder.dim), np.float32)])
-        save_npy(chunks_dir / f"{chunk_ids[k]:05d}.npy", rows.astype(dtype))
+        rows = np.concatenate(part["rows"] or [np.zeros((0, *encoder.row_shape), np.float32)])
+        save_npy(chunks_dir / f"{chunk_ids[k]:05d}.npy", _stored(rows, dtype, chunks_dir.parent))
         write_json(
             chunks_dir / f"{chunk_ids[k]:05d}.json", {"ids": part["ids"], "bad": part["bad"]}
         )
@@ -245,6 +268,21 @@ def _run_chunks(
             progress.update(len(ok) + len(failed))
             if remaining[k] == 0:
                 finish(k)
+
+
+def _stored(rows: np.ndarray, dtype: np.dtype, where: Path) -> np.ndarray:
+    """rows as stored on disk; one line if `dtype` (float16) cannot hold them: values beyond
+    its range (65504) would become infinite, and tiny ones (below ~6e-8: random-weight
+    MobileNet's features are ~1e-9) zero, silently."""
+    stored = rows.astype(dtype)
+    overflow = int((np.isfinite(rows) & ~np.isfinite(stored)).sum())
+    flushed = int(((rows != 0) & (stored == 0)).sum())
+    if overflow or flushed > 0.01 * rows.size:
+        raise CaptionerError(
+            f"{where}: features.dtype {dtype} cannot hold these features ({overflow} values "
+            f"overflow, {flushed} of {rows.size} become 0); set features.dtype=float32"
+        )
+    return stored
 
 
 def merge_shards(cfg: Config) -> Path:

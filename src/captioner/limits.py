@@ -59,29 +59,41 @@ LIMITS: dict[str, Range | tuple[str, ...]] = {
     "demo.image_size": Range(32, 4096),
     "features.batch_size": Range(1, 65536),
     "features.precision": ("auto", "float32", "bfloat16"),
-    "features.dtype": ("float32", "float16"),
+    "features.dtype": ("auto", "float32", "float16"),
     "features.chunk_size": Range(1, COUNT),
+    "features.layout": ("auto", "pooled", "grid"),
+    "features.grid_size": Range(0, 1024),  # 0 = the encoder's own grid
+    "features.image_size": Range(0, 4096),  # 0 = the encoder's own input size; else >= 32
     "tokenizer.min_count": Range(1, COUNT),
     "tokenizer.max_length": Range(0, 1000),  # 0 = no cap
     "tokenizer.length_percentile": Range(0, 100, open_low=True),
     "model.embed_dim": Range(1, 65536),
     "model.units": Range(1, 65536),
     "model.dropout": Range(0, 1, open_high=True),
-    "model.decoder": ("merge",),  # models.DECODERS (tests/test_model.py checks they agree)
+    "model.decoder": ("merge", "attention"),  # models.DECODERS (tests/test_model.py checks)
     "model.cell": ("lstm", "gru"),
+    "model.attention_units": Range(1, 65536),
+    "model.doubly_stochastic": Range(0, 1000),  # 0 = off
     "train.epochs": Range(1, 100_000),
     "train.batch_size": Range(1, 1 << 20),
     "train.learning_rate": Range(0, 10, open_low=True),
     "train.patience": Range(0, 100_000),  # 0 = no early stopping
     "train.lr_decay": Range(0, 1, open_low=True),
+    "train.label_smoothing": Range(0, 1, open_high=True),
     "train.precision": ("float32", "bfloat16"),
     "train.strategy": ("default", "mirrored", "multiworker"),
     "train.shuffle_buffer": Range(0, COUNT),  # 0 = the whole training set
+    "train.dev_scores": Range(0, COUNT),  # 0 = no dev scores in TensorBoard
     "decode.beam": Range(1, 100),
     "decode.length_penalty": Range(0, 10),
     "decode.no_repeat_ngram": Range(0, 100),
     "decode.max_length": Range(0, 1000),  # 0 = the vocabulary's max_length
 }
+
+
+# What each decoder takes (each models/ module's FEATURES; tests/test_grid.py checks they agree),
+# known here without importing Keras: features.layout "auto" follows model.decoder.
+DECODER_FEATURES = {"merge": "pooled", "attention": "grid"}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -108,6 +120,16 @@ def check_limits(config: Any) -> None:
             )
     if config.features.shard:
         parse_shard(config.features.shard)
+    if config.model.decoder == "attention" and config.model.cell != "lstm":
+        raise ConfigError(
+            f"config key 'model.cell' must be lstm for the attention decoder, got "
+            f"{config.model.cell!r}"
+        )
+    if 0 < config.features.image_size < 32:
+        raise ConfigError(
+            "config key 'features.image_size' must be 0 (the encoder's own) or at least 32, got "
+            f"{config.features.image_size}"
+        )
     data = config.data
     if data.dev_fraction + data.test_fraction >= 1:
         raise ConfigError(

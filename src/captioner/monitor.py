@@ -1,7 +1,9 @@
 """What a training run records as it trains, besides its checkpoints (train.py):
 
     runs/<name>/logs/train/        epoch_loss, epoch_learning_rate     (keras.callbacks.TensorBoard)
-    runs/<name>/logs/validation/   epoch_loss; dev_captions: a few dev images' greedy captions
+    runs/<name>/logs/validation/   epoch_loss (TensorBoard); epoch_bleu4, epoch_cider_d: greedy
+                                   captions of the first train.dev_scores dev images scored
+                                   against their references; dev_captions: a few of them as text
     runs/<name>/training.json      {"seconds", "epochs_timed", "machine"}: the model card's time
 
 `tensorboard --logdir runs` shows every run side by side. tensorboard is a dependency of its own:
@@ -21,49 +23,56 @@ from typing import Any
 import keras
 import numpy as np
 
-from captioner import captions
+from captioner import captions, metrics
 from captioner.config import Config
 from captioner.io import log, read_json, write_json
-from captioner.models import decoder_for
+from captioner.models import decoder_for, features_of
 from captioner.text import END_ID, START_ID
 from captioner.tokenizer import Vocabulary
 
 LOG_DIR = "logs"
 TIMING_FILE = "training.json"
-SAMPLE_IMAGES = 3  # dev images captioned after every epoch (eagerly: well under a second)
+SHOWN = 3  # dev images whose captions are shown as text after every epoch
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # what decides CPU speed here
 
 
 def callbacks(run_dir: Path, cfg: Config, cache: Any, vocab: Vocabulary) -> list:
-    """TensorBoard logs, dev captions as text and the training clock, for `model.fit`."""
+    """TensorBoard logs, dev scores and captions and the training clock, for `model.fit` (or
+    distribute.fit_multiworker's loop, which calls the same hooks)."""
     clock = TrainingClock(Path(run_dir) / TIMING_FILE)
     if importlib.util.find_spec("tensorboard") is None:  # an environment installed before it
         log("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
         return [clock]
     log_dir = Path(run_dir) / LOG_DIR
-    images, features, references = dev_samples(cfg, cache)
+    images, features, references = dev_samples(cfg, cache, max(cfg.train.dev_scores, SHOWN))
     return [
         keras.callbacks.TensorBoard(str(log_dir), write_graph=False, profile_batch=0),
-        DevCaptions(log_dir / "validation", images, features, references, vocab),
+        DevScores(
+            log_dir / "validation", images, features, references, vocab, cfg.train.dev_scores
+        ),
         clock,
     ]
 
 
-def dev_samples(cfg: Config, cache: Any) -> tuple[list[str], np.ndarray, list[list[str]]]:
-    """The first SAMPLE_IMAGES dev images with features: names, features (N, D), references."""
+def dev_samples(
+    cfg: Config, cache: Any, count: int
+) -> tuple[list[str], np.ndarray, list[list[str]]]:
+    """The first `count` dev images with features: names, features in the shape the run's
+    decoder takes ((N, D) or (N, H, W, C)), references."""
     frame = captions.read_split(cfg, "dev")
     frame = frame[frame["image"].isin(set(cache.row))]  # images with features
-    first = frame["image"].unique()[:SAMPLE_IMAGES]
+    first = frame["image"].unique()[:count]
     references = captions.references(frame[frame["image"].isin(first)])
     images = list(references)
     rows = [cache.row[image] for image in images]
-    features = np.asarray(cache.features[rows], dtype=np.float32).reshape(len(rows), -1)
+    features = cache.rows(rows, features_of(cfg.model.decoder), cfg.model.decoder)
     return images, features, [references[image] for image in images]
 
 
 def greedy_captions(model: keras.Model, features: np.ndarray, vocab: Vocabulary) -> list[str]:
-    """Greedy captions with the model's current weights, step by step in eager mode: slower per
-    word than decode.py's compiled loop, but needs no tracing, so it is cheap for a few images."""
+    """Greedy captions with the model's current weights, step by step in eager mode: a few ms
+    per step for hundreds of images at once, and no tracing (decode.py's compiled loop would
+    trace again for every run)."""
     with warnings.catch_warnings():
         # The embedding's mask reaches the LSTM cell, which warns it drops it: one token has none.
         warnings.filterwarnings("ignore", "Layer '.*_cell'.*does not support masking")
@@ -81,13 +90,16 @@ def greedy_captions(model: keras.Model, features: np.ndarray, vocab: Vocabulary)
     return [vocab.decode(row.tolist()) for row in ids]  # decode stops at <end>
 
 
-class DevCaptions(keras.callbacks.Callback):
-    """After each epoch: the sample dev images' greedy captions as a TensorBoard text table."""
+class DevScores(keras.callbacks.Callback):
+    """After each epoch: greedy captions of the sample dev images, their BLEU-4 and CIDEr-D
+    against the references (epoch_bleu4, epoch_cider_d, beside Keras' epoch_loss in the
+    validation logs) and the first SHOWN of them as a text table. Scores use the first
+    `scored` images (0: none)."""
 
-    def __init__(self, log_dir, images, features, references, vocab: Vocabulary):
+    def __init__(self, log_dir, images, features, references, vocab: Vocabulary, scored: int):
         super().__init__()
         self.log_dir, self.images, self.features = Path(log_dir), images, features
-        self.references, self.vocab = references, vocab
+        self.references, self.vocab, self.scored = references, vocab, scored
         self._writer = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -99,16 +111,23 @@ class DevCaptions(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
         try:
             generated = greedy_captions(self.model, self.features, self.vocab)
-        except Exception as error:  # a model without the merge model's step: never stop training
+        except Exception as error:  # a model without a decoder's step: never stop training
             log(f"dev captions for TensorBoard skipped: {type(error).__name__}: {error}")
             self.images = []
             return
         rows = ["| image | greedy caption | a reference |", "|---|---|---|"]
         rows += [
             f"| {image} | {caption} | {refs[0]} |"
-            for image, caption, refs in zip(self.images, generated, self.references, strict=True)
+            for image, caption, refs in list(
+                zip(self.images, generated, self.references, strict=True)
+            )[:SHOWN]
         ]
         with self._writer.as_default():
+            if self.scored:
+                hypotheses, references = generated[: self.scored], self.references[: self.scored]
+                bleu4 = metrics.bleu(hypotheses, references)["bleu4"]
+                tf.summary.scalar("epoch_bleu4", bleu4, step=epoch)
+                tf.summary.scalar("epoch_cider_d", metrics.cider_d(hypotheses, references), epoch)
             tf.summary.text("dev_captions", "\n".join(rows), step=epoch)
         self._writer.flush()
 

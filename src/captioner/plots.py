@@ -2,8 +2,9 @@
 
 Dataset plots: sample images with their captions, the most frequent words, and the image
 features in 2-D (PCA) with k-means clusters and example thumbnails per cluster. Run plots (only
-with a run directory): training/validation loss per epoch (history.csv) and test images with the
-generated caption and one reference (the newest predictions-test-*.csv).
+with a run directory): training/validation loss per epoch (history.csv), test images with the
+generated caption and one reference (the newest predictions-test-*.csv), and for a run with
+attention, test images with where each word of their caption looked (attention_plots.py).
 
 Figures are built with matplotlib's `Figure` directly (no pyplot: no global state, no GUI
 backend; PNGs are rendered by Agg) and written atomically.
@@ -34,6 +35,7 @@ except ImportError as error:
 
 from captioner import plot_figures as figures
 from captioner.config import Config
+from captioner.feature_cache import for_decoder
 from captioner.io import log
 
 MAX_FEATURE_POINTS = 3000  # PCA/k-means on a seeded sample keeps Flickr30k (31k x 4096) quick
@@ -97,7 +99,8 @@ def feature_clusters(
     rows = np.arange(count)
     if count > max_points:
         rows = np.sort(np.random.default_rng(seed).choice(count, max_points, replace=False))
-    sample = np.asarray(features[rows], dtype=np.float32)  # (n, D), read from the memory map
+    # (n, D) read from the memory map; a grid cache's rows as their mean over regions
+    sample = for_decoder(features[rows], "pooled", "of the feature-space plot")
     pca = PCA(n_components=min(50, *sample.shape), random_state=seed)
     reduced = pca.fit_transform(sample)  # (n, <=50)
     clusters = max(1, min(clusters, len(rows)))
@@ -263,9 +266,9 @@ def _dataset_jobs(cfg: Config, captions: pd.DataFrame, images_dir: Path) -> dict
     }
 
 
-def _run_jobs(run_dir: Path | None, images_dir: Path) -> dict[str, Job]:
+def _run_jobs(run_dir: Path | None, images_dir: Path, data_dir: str) -> dict[str, Job]:
     if run_dir is None:
-        return {"loss.png": "no --run given", "predictions.png": "no --run given"}
+        return dict.fromkeys(("loss.png", "predictions.png", "attention.png"), "no --run given")
     if not run_dir.is_dir():
         raise CaptionerError(
             f"{run_dir}: run directory not found; pass a folder made by `captioner train`"
@@ -280,7 +283,25 @@ def _run_jobs(run_dir: Path | None, images_dir: Path) -> dict[str, Job]:
         "predictions.png": (lambda path: prediction_grid(predictions, images_dir, path))
         if predictions is not None
         else f"no test predictions in {run_dir} (run `captioner evaluate --run {run_dir}` first)",
+        "attention.png": _attention_job(run_dir, images_dir, data_dir),
     }
+
+
+def _attention_job(run_dir: Path, images_dir: Path, data_dir: str) -> Job:
+    """The page of test images with each word's attention map, for a decoder with attention."""
+    from captioner.limits import DECODER_FEATURES
+    from captioner.runs import read_run
+
+    decoder = read_run(run_dir).decoder
+    if DECODER_FEATURES.get(decoder) != "grid":
+        return f"{run_dir} is a {decoder or 'broken'} run: no attention maps"
+
+    def draw(path: Path) -> Path:
+        from captioner.attention_plots import attention_examples
+
+        return attention_examples(run_dir, images_dir, path, data_dir)
+
+    return draw
 
 
 def plot(cfg: Config, out_dir: Path, run_dir: Path | None = None) -> list[Path]:
@@ -291,7 +312,9 @@ def plot(cfg: Config, out_dir: Path, run_dir: Path | None = None) -> list[Path]:
     from captioner.captions import load_captions
 
     captions, images_dir = load_captions(cfg)
-    jobs = _dataset_jobs(cfg, captions, images_dir) | _run_jobs(run_dir, images_dir)
+    jobs = _dataset_jobs(cfg, captions, images_dir) | _run_jobs(
+        run_dir, images_dir, cfg.data.data_dir
+    )
     written = []
     for name, job in tqdm(jobs.items(), desc="plots", unit="plot"):
         if isinstance(job, str):

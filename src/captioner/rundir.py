@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from captioner import run_data
-from captioner.config import Config, ModelConfig, from_dict
+from captioner.config import Config, from_dict
 from captioner.errors import CaptionerError
 from captioner.io import (
     atomic_write_bytes,
@@ -168,8 +168,9 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
 
 def _check_resumable(run_dir: Path, cfg: Config, paths: dict[str, Path]) -> None:
     """The same settings and the same vocabulary and features as when the run started."""
-    saved, now = _flatten(read_json(run_dir / "config.json")), _flatten(cfg.to_dict())
-    saved.setdefault("model.decoder", ModelConfig.decoder)  # runs made before the key existed
+    # keys added since the run started (model.decoder, model.attention_units, ...) read as
+    # their defaults, as from_dict reads them
+    saved, now = _flatten(read_config(run_dir).to_dict()), _flatten(cfg.to_dict())
     for key in sorted(now):
         if key.startswith(RESUME_KEYS) and saved.get(key) != now[key]:
             raise CaptionerError(
@@ -266,29 +267,46 @@ class LoadedRun:
     def caption_features(
         self, features: np.ndarray, decoding: DecodeSettings | None = None
     ) -> list[str]:
-        """Captions for precomputed features (N, D) of this run's encoder; `decoding` defaults to
-        the run's own settings (decode_settings())."""
+        """Captions for features of this run's encoder, rows as its cache or encoder gives them
+        ((N, D) or (N, H, W, C): feature_cache.for_decoder shapes them for the run's decoder);
+        `decoding` defaults to the run's own settings (decode_settings())."""
+        return [self.vocab.decode(words) for words in self.decode_features(features, decoding)]
+
+    def decode_features(
+        self, features: np.ndarray, decoding: DecodeSettings | None = None, attention=False
+    ) -> Any:
+        """decode.decode on such features: N lists of word ids, or with `attention` (ids, maps)
+        (maps None for a decoder without attention; decode.py says their shape)."""
         from captioner import decode
+        from captioner.feature_cache import for_decoder
+        from captioner.models import features_of
 
         if len(features) == 0:
-            return []
+            return ([], []) if attention else []
+        decoder = self.cfg.model.decoder
+        features = for_decoder(features, features_of(decoder), decoder)
         settings = decoding or self.decode_settings()
-        ids = decode.decode(self.model, features, **settings.to_dict())
-        return [self.vocab.decode(words) for words in ids]
+        return decode.decode(self.model, features, **settings.to_dict(), attention=attention)
 
     def caption_files(
         self, paths: Sequence[str | Path], decoding: DecodeSettings | None = None
     ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """([(path, caption)] for readable images, [(path, reason)] for the others)."""
+        features, ok_paths, failures = self.encode_files(paths)
+        captions = self.caption_features(features, decoding)
+        return list(zip(ok_paths, captions, strict=True)), failures
+
+    def encode_files(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list, list]:
+        """(features of the readable images, from the run's encoder; their paths; [(path,
+        reason)] for the others)."""
         if self.encoder is None:
             raise CaptionerError(f"{self.run_dir}: loaded without its encoder; use load_run()")
         if not paths:
-            return [], []
+            return np.zeros((0, 0), np.float32), [], []
         features, ok_paths, failures = self.encoder.encode_files(
             [str(p) for p in paths], batch_size=self.cfg.features.batch_size
         )
-        captions = self.caption_features(features, decoding)
-        return list(zip(ok_paths, captions, strict=True)), list(failures)
+        return features, ok_paths, list(failures)
 
 
 def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
@@ -327,8 +345,10 @@ def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
 
 
 def _run_encoder(meta: dict, run_dir: Path):
-    """The encoder that made the run's features: same network, weights, seed and precision."""
+    """The encoder that made the run's features: same network, weights, seed, precision, and the
+    same layout (a grid of the same size, from images of the same size)."""
     from captioner.encoders import build_encoder
+    from captioner.feature_cache import layout_of
 
     try:
         name, weights = meta["encoder"], meta["weights"]
@@ -337,4 +357,8 @@ def _run_encoder(meta: dict, run_dir: Path):
             f"{run_dir / 'features_meta.json'}: no {error} entry; "
             "retrain with the current captioner"
         ) from None
-    return build_encoder(name, weights, meta.get("precision", "auto"), seed=meta.get("seed") or 0)
+    layout, grid = layout_of(meta)  # the cache's grid: as computed, or pooled to it
+    size = {"grid_size": grid[0] if grid else 0, "image_size": (meta.get("input_size") or [0])[0]}
+    return build_encoder(
+        name, weights, meta.get("precision", "auto"), meta.get("seed") or 0, layout=layout, **size
+    )

@@ -42,6 +42,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     from captioner.feature_cache import load_cache
 
     cache = load_cache(paths["features"])
+    cache.check_takes(models.features_of(cfg.model.decoder), cfg.model.decoder)
     # Every input is read and checked before the run directory is made (a resumed run's
     # vocabulary is checked equal to paths["vocab"]), so a refused start leaves nothing behind.
     vocab = Vocabulary.load(paths["vocab"])
@@ -60,7 +61,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         return run_dir
 
     log(
-        f"vocabulary {vocab.size:,}, features {cache.features.shape[1]}-d, "
+        f"vocabulary {vocab.size:,}, features {cache.describe()}, "
         f"{strategy.num_replicas_in_sync} replica(s); {state['epoch']}/{cfg.train.epochs} "
         "epochs done"
     )
@@ -69,7 +70,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
             caption_model = models.load_saved(run_dir / state["checkpoint"], "start a new run")
         else:
             caption_model = _new_model(cfg, cache, train_rows, vocab.size)
+    caption_model.label_smoothing = cfg.train.label_smoothing  # read when fit traces its steps
     checkpoint = RunCheckpoint(run_dir, state, cfg.train.patience, cfg.train.lr_decay, write=chief)
+    # after the checkpoint each epoch: TensorBoard logs, dev scores, clock (monitor.py)
+    callbacks = [checkpoint, *(monitor.callbacks(run_dir, cfg, cache, vocab) if chief else [])]
     if cfg.train.strategy == "multiworker":
         distribute.fit_multiworker(
             strategy,
@@ -78,11 +82,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
             dev_data,
             cfg.train.epochs,
             state["epoch"],
-            checkpoint,
+            callbacks,
         )
     else:
-        # after the checkpoint each epoch: TensorBoard logs, dev captions, clock (monitor.py)
-        callbacks = [checkpoint, *(monitor.callbacks(run_dir, cfg, cache, vocab) if chief else [])]
         _fit(caption_model, train_data, dev_data, cfg.train.epochs, state["epoch"], callbacks)
     log(f"{run_dir}: best val_loss {state['best_val_loss']:.4f} at epoch {state['best_epoch']}")
     if chief and state["finished"]:
@@ -128,6 +130,7 @@ def _datasets(cfg: Config, vocab: Vocabulary, cache: Any) -> tuple[Any, Any, np.
             "and early stopping need a dev split (see --split)"
         )
     batch = cfg.train.batch_size  # the global batch: split across replicas by tf.distribute
+    shape = {"takes": models.features_of(cfg.model.decoder), "decoder": cfg.model.decoder}
     train_data = data.make_dataset(
         cache.features,
         train_rows,
@@ -136,9 +139,17 @@ def _datasets(cfg: Config, vocab: Vocabulary, cache: Any) -> tuple[Any, Any, np.
         shuffle=True,
         seed=cfg.seed,
         shuffle_buffer=cfg.train.shuffle_buffer,
+        **shape,
     )
     dev_data = data.make_dataset(  # bucketed: the same loss, less padding to compute
-        cache.features, dev_rows, dev_captions, batch, shuffle=False, seed=cfg.seed, bucket=True
+        cache.features,
+        dev_rows,
+        dev_captions,
+        batch,
+        shuffle=False,
+        seed=cfg.seed,
+        bucket=True,
+        **shape,
     )
     log(
         f"training on {len(train_captions):,} captions of {len(np.unique(train_rows)):,} "
@@ -151,7 +162,10 @@ def _new_model(cfg: Config, cache: Any, train_rows: np.ndarray, vocab_size: int)
     """A compiled model of cfg.model.decoder; feature statistics only when it normalises them."""
     mean = variance = None
     if cfg.model.normalize_features:
-        mean, variance = data.feature_stats(cache.features, train_rows)
+        decoder = cfg.model.decoder
+        mean, variance = data.feature_stats(
+            cache.features, train_rows, takes=models.features_of(decoder), decoder=decoder
+        )
     return models.build(cfg, cache.meta, vocab_size, mean, variance)
 
 

@@ -6,7 +6,16 @@ from captioner.models.decoder import (
     Decoder,
     build,
     decoder_for,
+    features_of,
     load_saved,
 )
 
-__all__ = ["DECODERS", "DEFAULT_DECODER", "Decoder", "build", "decoder_for", "load_saved"]
+__all__ = [
+    "DECODERS",
+    "DEFAULT_DECODER",
+    "Decoder",
+    "build",
+    "decoder_for",
+    "features_of",
+    "load_saved",
+]
