@@ -4,7 +4,9 @@ The image decoding of the exported graph is checked against Pillow's on many kin
 and bad runs are refused (fast). The rest trains one small demo-like run per decoder (synthetic
 images, ResNet50 with random weights: its features are of ImageNet features' size, O(1);
 MobileNetV3's random ones, ~1e-10, are below float16's range) and exports it once per format:
-slow, a few minutes on 2 cores.
+slow, a few minutes on 2 cores. The merge run takes pooled features of 224-pixel images; the
+attention run a 3x3 grid of 96-pixel ones (features.image_size), which the exported encoder
+must make alike.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ TRAIN = {
     # real data's decoding defaults: the length penalty and n-gram blocking are in the graph too
     "decode.length_penalty": 0.7,
     "decode.no_repeat_ngram": 3,
+}
+# per decoder: the attention run's grid comes from images of another size than the encoder's own
+DECODER_SETTINGS = {
+    "merge": {},
+    "attention": {"features.image_size": 96, "model.attention_units": 32},
 }
 
 
@@ -187,7 +194,7 @@ def trained(request, tmp_path_factory) -> dict:
     (through the CLI), and `captioner caption`'s captions of its test images (and of two
     re-encoded ones)."""
     root = tmp_path_factory.mktemp(f"export-{request.param}")
-    settings = {**TRAIN, "model.decoder": request.param}
+    settings = {**TRAIN, **DECODER_SETTINGS[request.param], "model.decoder": request.param}
     sets = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
     common = ["--dataset", "demo", "--data-dir", str(root / "data")]
     train = CliRunner().invoke(
@@ -197,6 +204,9 @@ def trained(request, tmp_path_factory) -> dict:
     )
     assert train.exit_code == 0, train.output
     run = root / "runs" / "tiny"
+    meta = json.loads((run / "features_meta.json").read_text())
+    if request.param == "attention":
+        assert (meta["layout"], meta["grid"], meta["input_size"]) == ("grid", [3, 3], [96, 96])
     test_images = sorted(
         line.strip()
         for line in (root / "data/demo/raw/Flickr8k_text/Flickr_8k.testImages.txt").open()
@@ -211,7 +221,8 @@ def trained(request, tmp_path_factory) -> dict:
     for fmt, out in (("saved_model", root / "saved"), ("tflite", root / "model.tflite")):
         result = CliRunner().invoke(main, ["export", "--run", str(run), "--format", fmt, str(out)])
         assert result.exit_code == 0, result.output
-    return {"root": root, "run": run, "paths": paths, "captions": captions}
+    size = meta.get("input_size", [224])[0]  # the pixels TFLite takes
+    return {"root": root, "run": run, "paths": paths, "captions": captions, "size": size}
 
 
 def caption_command(run: Path, paths: list[Path], beam: int | None) -> list[str]:
@@ -327,8 +338,11 @@ def test_saved_model_cli_shows_the_signatures_the_readme_documents(trained):
     assert signature_blocks(shown.stdout) == documented
 
 
-def tflite_captions(model: Path | bytes, paths: list[Path], beam: int | None) -> list[str]:
-    """Captions of a TFLite model, fed each image's pixels as training read them (Pillow)."""
+def tflite_captions(
+    model: Path | bytes, paths: list[Path], beam: int | None, size: int
+) -> list[str]:
+    """Captions of a TFLite model, fed each image's pixels as training read them (Pillow, at the
+    run's image size)."""
     import tensorflow as tf
 
     with warnings.catch_warnings():
@@ -340,7 +354,7 @@ def tflite_captions(model: Path | bytes, paths: list[Path], beam: int | None) ->
     runner = interpreter.get_signature_runner("caption_with_beam" if beam else "serving_default")
     captions = []
     for path in paths:
-        pixels = load_image(path)[None]  # (1, 224, 224, 3)
+        pixels = load_image(path, size)[None]  # (1, S, S, 3)
         out = runner(pixels=pixels, **({"beam": np.array(beam, np.int32)} if beam else {}))
         captions.append(" ".join(word.decode() for word in out["words"][0] if word))
     return captions
@@ -349,8 +363,9 @@ def tflite_captions(model: Path | bytes, paths: list[Path], beam: int | None) ->
 @pytest.mark.slow
 def test_tflite_float32_captions_like_captioner_caption(trained):
     model = trained["root"] / "model.tflite"
-    assert tflite_captions(model, trained["paths"], None) == trained["captions"][None]
-    assert tflite_captions(model, trained["paths"], 1) == trained["captions"][1]
+    size = trained["size"]
+    assert tflite_captions(model, trained["paths"], None, size) == trained["captions"][None]
+    assert tflite_captions(model, trained["paths"], 1, size) == trained["captions"][1]
 
 
 @pytest.mark.slow
@@ -365,7 +380,7 @@ def test_quantized_tflite_agrees_on_most_greedy_captions(trained, tmp_path):
     for quantize, size in (("float16", 0.5), ("dynamic", 0.25)):
         model = export.convert_tflite(source, quantize)
         assert len(model) < size * float32 * 1.05  # weights of 2 and 1 bytes instead of 4
-        captions = tflite_captions(model, paths, None)
+        captions = tflite_captions(model, paths, None, trained["size"])
         agreement[quantize] = np.mean([a == b for a, b in zip(captions, expected, strict=True)])
     assert agreement["float16"] >= 0.9, agreement
     # Dynamic-range quantization (int8 products) falls short of the issue's 90% on encoders

@@ -2,10 +2,12 @@
 
     saved_model  a folder: TensorFlow SavedModel, image file bytes -> captions (export_graph.py),
                  for tf.saved_model.load or TF Serving
-    tflite       one .tflite file: pixels read as for training (224 x 224) -> words, TFLite's
-                 own ops only; optionally quantized (float16 weights, or dynamic-range int8)
+    tflite       one .tflite file: pixels read as for training (S x S, the encoder's input:
+                 features.image_size) -> words, TFLite's own ops only; optionally quantized
+                 (float16 weights, or dynamic-range int8)
 
-Both hold the encoder with its weights, the decoder, the decoding loop and the vocabulary. A run
+Both hold the encoder with its weights (pooled or grid, as the run's features were made), the
+decoder (any of models/decoder.py's), the decoding loop and the vocabulary. A run
 trained on dropped-in features has no encoder to put in front, and is refused. The output is
 written beside OUT under a temporary name and renamed when complete, so OUT is either absent or
 whole; an existing OUT is never overwritten.
@@ -97,11 +99,13 @@ def caption_graph(run_dir: Path, fmt: str, beam: int | None = None) -> Any:
 
     if fmt == "saved_model":
         run = load_run(run_dir)
-        encoder, model = run.encoder, run.model
+        model = run.model
     else:
-        run = load_run(run_dir, with_encoder=False)  # its own copy of the model: made float32
-        encoder, model = _float32_encoder(run), _in_float32(run.model)
-    return CaptionGraph(encoder, model, run.vocab.tokens, run.decode_settings(beam))
+        run = load_run(run_dir, precision="float32")  # its own copy of the model: made float32
+        if run.features_meta.get("precision") == "bfloat16":
+            log(f"{run_dir}: features were made in bfloat16; TFLite computes in float32")
+        model = _in_float32(run.model)
+    return CaptionGraph(run.encoder, model, run.vocab.tokens, run.decode_settings(beam))
 
 
 def _publish(out: Path, write: Any) -> None:
@@ -185,16 +189,6 @@ def _check_float16(graph: Any) -> None:
                 f"below float16's {smallest:.1e}): captions will differ from float32's; "
                 "export without --quantize or with --quantize dynamic"
             )
-
-
-def _float32_encoder(run: Any) -> Any:
-    """The run's encoder computing in float32: TFLite has no bfloat16 kernels."""
-    from captioner.encoders import build_encoder
-
-    meta = run.features_meta
-    if meta.get("precision") == "bfloat16":
-        log(f"{run.run_dir}: features were made in bfloat16; TFLite computes in float32")
-    return build_encoder(meta["encoder"], meta["weights"], "float32", seed=meta.get("seed") or 0)
 
 
 def _in_float32(model: Any) -> Any:

@@ -7,7 +7,11 @@
        features: alpha dropped, greyscale and palette expanded, 16-bit scaled to 8, no EXIF
        rotation; tests/test_export.py checks it)
     pixels (B, S, S, 3) uint8 RGB, so resized                               (the TFLite input)
-    -> Encoder.forward: the encoder's preprocess_input and network          (B, D) float32
+    -> Encoder.forward: the encoder's preprocess_input and network          (B, D) float32,
+       pooled, or (B, H, W, C) grid, as the run's features were made (its layout, grid and
+       features.image_size S)
+    -> in the shape the decoder takes (feature_cache.for_decoder: a pooled   (B, D) or
+       decoder on a grid takes its mean over the regions)                    (B, H, W, C)
     -> decode_loops.decode_tokens: greedy or beam search, Decoder interface (B, T) word ids
     -> the vocabulary, a string constant                                    (B, T) words
     -> joined by spaces                                                     (B,) captions
@@ -28,7 +32,7 @@ from typing import Any
 import tensorflow as tf
 
 from captioner import decode_loops
-from captioner.models import decoder_for
+from captioner.models import decoder_for, features_of
 from captioner.rundir import DecodeSettings
 from captioner.text import END_ID, PAD_ID
 
@@ -84,6 +88,9 @@ class CaptionGraph:
         self, encoder: Any, model: Any, words: tuple[str, ...], settings: DecodeSettings
     ) -> None:
         self.encoder, self.model, self.settings = encoder, model, settings
+        self.decoder = decoder_for(model)
+        # a pooled decoder on a grid encoder takes the mean over the regions (for_decoder)
+        self.pool = encoder.layout == "grid" and features_of(self.decoder.name) == "pooled"
         self.words = ("",) * (END_ID + 1) + tuple(words[END_ID + 1 :])  # specials print as ""
 
     def saved_model_signatures(self) -> dict[str, Any]:
@@ -129,7 +136,9 @@ class CaptionGraph:
     def _words(self, pixels: tf.Tensor, beam: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
         """(B, S, S, 3) uint8 -> (words (B, T) tf.string, log-probabilities (B,)): the words
         before the first <end>, as Vocabulary.decode, then ""."""
-        features = self.encoder.forward(pixels)  # (B, D) float32
+        features = self.encoder.forward(pixels)  # (B, D) or (B, H, W, C) float32
+        if self.pool:
+            features = tf.reduce_mean(features, axis=[1, 2])  # (B, C)
         if beam is None:
             beam = self.settings.beam
         else:
@@ -137,7 +146,7 @@ class CaptionGraph:
             tf.debugging.assert_less_equal(beam, MAX_BEAM, message=f"beam must be <= {MAX_BEAM}")
             beam = tf.clip_by_value(beam, 1, MAX_BEAM)  # TFLite drops the asserts
         ids, log_probabilities = decode_loops.decode_tokens(
-            decoder_for(self.model),
+            self.decoder,
             features,
             self.settings.max_length,
             beam,

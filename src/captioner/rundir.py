@@ -309,9 +309,12 @@ class LoadedRun:
         return features, ok_paths, list(failures)
 
 
-def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, with_encoder: bool = True, precision: str | None = None
+) -> LoadedRun:
     """Load a run directory. Runs made with the same encoder share one copy of it (the encoder
-    cache of encoders.build_encoder)."""
+    cache of encoders.build_encoder). precision: the encoder's, instead of the one that made the
+    run's features (export: float32 for TFLite)."""
     run_dir = Path(run_dir)
     for name in INFERENCE_FILES:
         if not (run_dir / name).is_file():
@@ -340,13 +343,14 @@ def load_run(run_dir: str | Path, with_encoder: bool = True) -> LoadedRun:
     meta = read_json(run_dir / "features_meta.json")
     run = LoadedRun(run_dir, cfg, vocab, model, meta)
     if with_encoder:
-        run.encoder = _run_encoder(meta, run_dir)
+        run.encoder = _run_encoder(meta, run_dir, precision)
     return run
 
 
-def _run_encoder(meta: dict, run_dir: Path):
-    """The encoder that made the run's features: same network, weights, seed, precision, and the
-    same layout (a grid of the same size, from images of the same size)."""
+def _run_encoder(meta: dict, run_dir: Path, precision: str | None = None):
+    """The encoder that made the run's features: same network, weights, seed, precision (unless
+    `precision` says another), and the same layout (a grid of the same size, from images of the
+    same size)."""
     from captioner.encoders import build_encoder
     from captioner.feature_cache import layout_of
 
@@ -360,5 +364,10 @@ def _run_encoder(meta: dict, run_dir: Path):
     layout, grid = layout_of(meta)  # the cache's grid: as computed, or pooled to it
     size = {"grid_size": grid[0] if grid else 0, "image_size": (meta.get("input_size") or [0])[0]}
     return build_encoder(
-        name, weights, meta.get("precision", "auto"), meta.get("seed") or 0, layout=layout, **size
+        name,
+        weights,
+        precision or meta.get("precision", "auto"),
+        meta.get("seed") or 0,
+        layout=layout,
+        **size,
     )
