@@ -56,6 +56,7 @@ def main(argv: list[str]) -> dict:
         "default": [c for _, c in run.caption_files(paths, default)[0]],
     }
     rounds = args.rounds
+    size = run.encoder.size  # the pixels TFLite takes: the run's features.image_size
     result["caption_ms"] = _latency(
         lambda p: run.caption_files(p, default), [[p] for p in paths], rounds
     )
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> dict:
             ("tflite", "dynamic"),
         ):
             name = fmt if quantize is None else f"{fmt}-{quantize}"
-            variants[name] = _variant(args.run, out / name, fmt, quantize, paths, rounds)
+            variants[name] = _variant(args.run, out / name, fmt, quantize, paths, rounds, size)
     for variant in variants.values():
         for decoding in ("greedy", "default"):
             ours = variant.pop(f"captions_{decoding}")
@@ -83,13 +84,13 @@ def main(argv: list[str]) -> dict:
     result["bleu4_greedy_caption"] = metrics.bleu(
         caption["greedy"], [references[n] for n in names]
     )["bleu4"]
-    result["decode_ms"] = _latency(_pixels, paths, rounds)
+    result["decode_ms"] = _latency(lambda path: _pixels(path, size), paths, rounds)
     result["load_average"] = {"before": load_before, "after": os.getloadavg()}
     return report(result, args.json)
 
 
 def _variant(
-    run: str, out: Path, fmt: str, quantize: str | None, paths: list[str], rounds: int
+    run: str, out: Path, fmt: str, quantize: str | None, paths: list[str], rounds: int, size: int
 ) -> dict:
     from captioner.export import export
 
@@ -104,7 +105,7 @@ def _variant(
         else out.stat().st_size
     )
     caption = _saved_model(out) if fmt == "saved_model" else _tflite(out)
-    inputs = [_bytes(p) for p in paths] if fmt == "saved_model" else [_pixels(p) for p in paths]
+    inputs = [_bytes(p) if fmt == "saved_model" else _pixels(p, size) for p in paths]
     return {
         "export_s": seconds,
         "size_mb": round(size / 2**20, 1),
@@ -131,7 +132,7 @@ def _saved_model(path: Path):
             out = model.signatures["serving_default"](image_bytes=data)
         else:
             out = model.signatures["caption_with_beam"](image_bytes=data, beam=tf.constant(beam))
-        return [c.decode() for c in out["captions"].numpy()]
+        return [c.decode() for c in out["caption"].numpy()]
 
     return caption
 
@@ -148,7 +149,7 @@ def _tflite(path: Path):
     with_beam = interpreter.get_signature_runner("caption_with_beam")
 
     def caption(pixels: list[np.ndarray], beam: int | None) -> list[str]:
-        batch = np.stack(pixels)  # (B, 224, 224, 3)
+        batch = np.stack(pixels)  # (B, S, S, 3)
         if beam is None:
             out = default(pixels=batch)
         else:
@@ -162,11 +163,11 @@ def _bytes(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def _pixels(path: str) -> np.ndarray:
-    """(224, 224, 3) uint8: decoded and resized by Pillow, as for the training features."""
+def _pixels(path: str, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: decoded and resized by Pillow, as for the training features."""
     from captioner.encoders import load_image
 
-    return load_image(path)
+    return load_image(path, size)
 
 
 def _latency(call, batches: list, rounds: int, per: int = 1) -> float:

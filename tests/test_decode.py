@@ -236,6 +236,10 @@ def test_graph_loops_give_the_log_probability_and_take_the_beam_as_an_input():
 
 
 def test_graph_loops_equal_the_compiled_decoders_on_a_random_model():
+    """... and their log-probabilities are the captions' under the model, n-grams blocked or
+    not: what likelihood.py (`captioner serve`) computes in one teacher-forced pass."""
+    from captioner import likelihood
+
     model = random_model()
     features = np.random.default_rng(2).normal(size=(9, 8)).astype(np.float32)
     for beam, settings in ((1, {}), (3, {}), (3, {"length_penalty": 0.7, "no_repeat_ngram": 2})):
@@ -244,3 +248,5 @@ def test_graph_loops_equal_the_compiled_decoders_on_a_random_model():
             ids, scores = graph_decode(model, features, 8, width, compiled=False, **settings)
             assert ids == expected
             assert np.all(np.isfinite(scores)) and np.all(scores < 0)
+            served = likelihood.log_probabilities(model, features, ids, 8)
+            np.testing.assert_allclose(scores, served, rtol=1e-4, atol=1e-4)

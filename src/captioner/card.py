@@ -244,9 +244,9 @@ captioner export --run {run_dir} --format tflite --quantize float16 {run_dir.nam
 ```
 
 The SavedModel needs TensorFlow only: its `serving_default` signature takes image file bytes
-(`image_bytes`, tf.string) and returns `captions` and `log_probabilities`; the TFLite model takes
-the pixels read as for training and returns the words (project README, "Use your model
-elsewhere").
+(`image_bytes`, tf.string) and returns `caption` and `log_prob`, as `captioner serve` does; the
+TFLite model takes the pixels read as for training and returns the words (project README, "Use
+your model elsewhere").
 The run folder itself is the whole model too: `model.keras` (weights), `vocab.json` (words),
 `config.json` (settings, decoding) and `features_meta.json` (the image encoder new images must
 go through); `model.keras` loads in plain Keras with `keras.saving.load_model(path)` after

@@ -15,7 +15,7 @@ stays in its slot and may only be extended by padding at no cost, so finished an
 compete for the slots and "every beam ended early" needs no special case. Hypotheses are ranked
 by log-probability / length**length_penalty (0 = plain log-probability; length counts the words
 and the <end> token). `no_repeat_ngram=n` forbids any word that would repeat an n-gram already
-in the hypothesis. Log-probabilities are over the ids a caption may contain, under the blocking.
+in the hypothesis. Log-probabilities are over the ids a caption may contain (likelihood.py's).
 
 The decoder's state is (image, carry) (models/decoder.py): beam search repeats the carry per beam
 and reorders it with the hypotheses; the image's parts (attention: the regions and their
@@ -91,6 +91,7 @@ def beam_tokens(
     no_repeat_ngram: int = 0,
     compiled: bool = True,
     maps: bool = False,
+    likelihood: bool = False,
 ):
     """Beam search as graph ops (call while tracing). features (B, ...) float32 -> (ids
     (B, max_length) int32 of each image's best hypothesis, <pad> after <end>; its log-probability
@@ -98,7 +99,10 @@ def beam_tokens(
     (B, max_length, L), or None unless `maps`).
 
     beam: an int, or an int32 scalar tensor (>= 1) when the width is an input of the graph.
-    compiled: the decoder's step_fn and an XLA-fused _scan instead of plain ops."""
+    compiled: the decoder's step_fn and an XLA-fused _scan instead of plain ops.
+    likelihood: the log-probability under the model (likelihood.py's, what `captioner serve`
+    reports) even when n-grams are blocked, at one more pass over the logits per step; without
+    it, blocking makes it the one ranked by, over the words not blocked."""
     # Only a hypothesis's own best `per_row` words can enter the next beam: its rank is monotone
     # in the word's log-probability. So top-k per row first, then over (B, K * per_row).
     per_row = _minimum(beam, decoder.vocab_size - FIRST_ALLOWED)
@@ -116,15 +120,16 @@ def beam_tokens(
     token = tf.fill([rows], START_ID)
     # Only hypothesis 0 is alive at first, so the first step does not pick K copies of it.
     scores = tf.tile(_first_free(beam)[None], [batch, 1])  # (B, K)
+    unblocked = likelihood and no_repeat_ngram > 0
+    model_scores = scores  # (B, K) the same hypotheses' scores under the model, if `unblocked`
     lengths = tf.zeros([batch, beam])  # tokens scored, including <end>
     done = tf.zeros([batch, beam], tf.bool)
     sequences = tf.zeros([rows, max_length], tf.int32)
     attention = tf.zeros([rows, max_length, decoder.regions if maps else 0])
     # Rows are regrouped through reshapes by `batch`, a tensor: their number is unknown to the
     # loop even when the caller's batch is static.
-    loop_variables = (scores, lengths, done, sequences, token, carry) + (
-        (attention,) if maps else ()
-    )
+    loop_variables = (scores, lengths, done, sequences, token, carry)
+    loop_variables += ((model_scores,) if unblocked else ()) + ((attention,) if maps else ())
     any_rows = tf.nest.map_structure(lambda x: tf.TensorShape([None, *x.shape[1:]]), loop_variables)
     for t in tf.range(max_length):
         tf.autograph.experimental.set_loop_options(
@@ -132,6 +137,7 @@ def beam_tokens(
         )
         hidden, (_, carry), alpha = step(token, (image, carry))  # (B*K, U), ..., (B*K, L)
         logits = tf.matmul(tf.cast(hidden, tf.float32), kernel) + bias  # (B*K, A)
+        model_logits = logits  # before blocking
         if no_repeat_ngram > 0:
             logits += _repeated_ngram_mask(sequences, t, no_repeat_ngram, logits.shape[1])
         maxima, normaliser = scan(logits)  # (B*K, A / BLOCK), (B*K, 1)
@@ -151,6 +157,13 @@ def beam_tokens(
         new_token = tf.gather(tf.reshape(top_ids, [batch, -1]), best, batch_dims=1)  # (B, K)
 
         scores = tf.gather(tf.reshape(candidate, [batch, -1]), best, batch_dims=1)
+        if unblocked:  # the chosen words were not blocked: their logits are the model's
+            model_normaliser = tf.reduce_logsumexp(model_logits, axis=1, keepdims=True)
+            model_logp = tf.where(flat_done, finished_logp, top_logits - model_normaliser)
+            model_candidate = tf.expand_dims(model_scores, 2) + tf.reshape(
+                model_logp, [batch, beam, per_row]
+            )
+            model_scores = tf.gather(tf.reshape(model_candidate, [batch, -1]), best, batch_dims=1)
         lengths = tf.gather(candidate_length, origin, batch_dims=1)
         done = tf.gather(done, origin, batch_dims=1) | (new_token == END_ID)
         parent = tf.reshape(origin + tf.range(batch)[:, None] * beam, [rows])  # (B*K,)
@@ -167,7 +180,7 @@ def beam_tokens(
     # top_k sorted every image's hypotheses by rank, so hypothesis 0 is the best one.
     best_sequence = tf.reshape(sequences, [batch, beam, max_length])[:, 0]  # (B, max_length)
     best_maps = tf.reshape(attention, [batch, beam, max_length, -1])[:, 0] if maps else None
-    return best_sequence, scores[:, 0], best_maps
+    return best_sequence, (model_scores if unblocked else scores)[:, 0], best_maps
 
 
 def decode_tokens(
@@ -181,14 +194,21 @@ def decode_tokens(
 ):
     """decode()'s choice as graph ops: greedy when beam == 1 and nothing is blocked, else beam
     search; beam may be an int32 scalar tensor (then both loops are in the graph, under a
-    tf.cond). -> (ids (B, max_length) int32, log-probabilities (B,))."""
+    tf.cond). -> (ids (B, max_length) int32, log-probabilities (B,) under the model)."""
 
     def greedy_branch():
         return greedy_tokens(decoder, features, max_length, compiled, scores=True)[:2]
 
     def beam_branch():
         return beam_tokens(
-            decoder, features, max_length, beam, length_penalty, no_repeat_ngram, compiled
+            decoder,
+            features,
+            max_length,
+            beam,
+            length_penalty,
+            no_repeat_ngram,
+            compiled,
+            likelihood=True,
         )[:2]
 
     if no_repeat_ngram > 0:

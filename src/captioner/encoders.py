@@ -171,9 +171,9 @@ class Encoder:
         return tf.cast(self.model(pixels, training=False), tf.float32)
 
     def encode_images(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        """Decoded images (N, size, size, 3) uint8 (decode_image's) -> features (N, D) float32,
-        `batch_size` images per inference call as encode_files runs them."""
-        parts = [np.zeros((0, self.dim), np.float32)]
+        """Decoded images (N, size, size, 3) uint8 (decode_image's) -> features (N, *row_shape)
+        float32, `batch_size` images per inference call as encode_files runs them."""
+        parts = [np.zeros((0, *self.row_shape), np.float32)]
         for start in range(0, len(images), batch_size):
             parts.append(self._infer(tf.constant(images[start : start + batch_size])).numpy())
         return np.concatenate(parts)

@@ -160,7 +160,7 @@ def convert_tflite(source: Path, quantize: str | None = None) -> bytes:
     the large ones as int8 (dynamic-range quantization: int8 matrix products)."""
     import tensorflow as tf
 
-    from captioner.export_graph import BEAM_SIGNATURE, SIGNATURE
+    from captioner.signature import BEAM_SIGNATURE, SIGNATURE
 
     converter = tf.lite.TFLiteConverter.from_saved_model(
         str(source), signature_keys=[SIGNATURE, BEAM_SIGNATURE]

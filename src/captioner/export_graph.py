@@ -32,14 +32,21 @@ from typing import Any
 import tensorflow as tf
 
 from captioner import decode_loops
+from captioner.limits import LIMITS
 from captioner.models import decoder_for, features_of
 from captioner.rundir import DecodeSettings
+from captioner.signature import (
+    BEAM_INPUT,
+    BEAM_SIGNATURE,
+    CAPTION,
+    IMAGE_INPUT,
+    LOG_PROB,
+    SIGNATURE,
+)
 from captioner.text import END_ID, PAD_ID
 
-SIGNATURE = "serving_default"  # the run's beam width
-BEAM_SIGNATURE = "caption_with_beam"  # the beam width as an input
-IMAGE_INPUT, PIXEL_INPUT, BEAM_INPUT = "image_bytes", "pixels", "beam"
-MAX_BEAM = 100  # the widest beam the beam input accepts (the range of decode.beam)
+PIXEL_INPUT, WORDS = "pixels", "words"  # TFLite's input and caption output
+MAX_BEAM = int(LIMITS["decode.beam"].high)  # the widest beam the beam input accepts
 
 
 def decode_image_bytes(data: tf.Tensor) -> tf.Tensor:
@@ -94,7 +101,7 @@ class CaptionGraph:
         self.words = ("",) * (END_ID + 1) + tuple(words[END_ID + 1 :])  # specials print as ""
 
     def saved_model_signatures(self) -> dict[str, Any]:
-        """{name: tf.function}: image_bytes [-> beam] -> captions, log_probabilities."""
+        """{name: tf.function}: image_bytes [-> beam] -> caption, log_prob (signature.py)."""
         images = tf.TensorSpec([None], tf.string, name=IMAGE_INPUT)
         beam = tf.TensorSpec([], tf.int32, name=BEAM_INPUT)
         return {
@@ -103,7 +110,7 @@ class CaptionGraph:
         }
 
     def tflite_signatures(self) -> dict[str, Any]:
-        """{name: tf.function}: pixels [-> beam] -> words, log_probabilities."""
+        """{name: tf.function}: pixels [-> beam] -> words, log_prob."""
         size = self.encoder.size
         pixels = tf.TensorSpec([None, size, size, 3], tf.uint8, name=PIXEL_INPUT)
         beam = tf.TensorSpec([], tf.int32, name=BEAM_INPUT)
@@ -114,7 +121,7 @@ class CaptionGraph:
 
     def captions(self, image_bytes: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
         """image_bytes (B,) tf.string, beam an int32 scalar 1..MAX_BEAM (None: the settings')
-        -> {"captions": (B,) tf.string, "log_probabilities": (B,) float32}."""
+        -> {"caption": (B,) tf.string, "log_prob": (B,) float32}."""
         size = self.encoder.size
         pixels = tf.map_fn(
             lambda data: resize(decode_image_bytes(data), size),
@@ -125,17 +132,17 @@ class CaptionGraph:
         # " ".join of the non-empty words: they form a prefix of each row
         spaced = tf.where(words == "", words, " " + words)
         captions = tf.strings.strip(tf.strings.reduce_join(spaced, axis=1))
-        return {"captions": captions, "log_probabilities": log_probabilities}
+        return {CAPTION: captions, LOG_PROB: log_probabilities}
 
     def caption_words(self, pixels: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
         """pixels (B, S, S, 3) uint8 RGB (encoders.load_image's), beam as in `captions` ->
-        {"words": (B, T) tf.string, the caption's words then "", "log_probabilities": (B,)}."""
+        {"words": (B, T) tf.string, the caption's words then "", "log_prob": (B,)}."""
         words, log_probabilities = self._words(pixels, beam)
-        return {"words": words, "log_probabilities": log_probabilities}
+        return {WORDS: words, LOG_PROB: log_probabilities}
 
     def _words(self, pixels: tf.Tensor, beam: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
-        """(B, S, S, 3) uint8 -> (words (B, T) tf.string, log-probabilities (B,)): the words
-        before the first <end>, as Vocabulary.decode, then ""."""
+        """(B, S, S, 3) uint8 -> (words (B, T) tf.string, log-probabilities (B,) under the model):
+        the words before the first <end>, as Vocabulary.decode, then ""."""
         features = self.encoder.forward(pixels)  # (B, D) or (B, H, W, C) float32
         if self.pool:
             features = tf.reduce_mean(features, axis=[1, 2])  # (B, C)
