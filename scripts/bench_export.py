@@ -39,7 +39,7 @@ def main(argv: list[str]) -> dict:
 
     from captioner import captions, evaluate, metrics
     from captioner.config import replace
-    from captioner.rundir import load_run
+    from captioner.loaded_run import load_run
 
     run = load_run(args.run)
     if args.data_dir:

@@ -95,7 +95,7 @@ def caption_graph(run_dir: Path, fmt: str, beam: int | None = None) -> Any:
     decoder as they made the training features and captions (bfloat16 where they were), for
     TFLite in float32 (TFLite has no bfloat16 kernels)."""
     from captioner.export_graph import CaptionGraph
-    from captioner.rundir import load_run
+    from captioner.loaded_run import load_run
 
     if fmt == "saved_model":
         run = load_run(run_dir)

@@ -33,8 +33,8 @@ import tensorflow as tf
 
 from captioner import decode_loops
 from captioner.limits import LIMITS
+from captioner.loaded_run import DecodeSettings
 from captioner.models import decoder_for, features_of
-from captioner.rundir import DecodeSettings
 from captioner.signature import (
     BEAM_INPUT,
     BEAM_SIGNATURE,

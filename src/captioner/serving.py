@@ -32,7 +32,7 @@ import numpy as np
 
 from captioner.errors import CaptionerError
 from captioner.io import log, read_json
-from captioner.rundir import DecodeSettings, LoadedRun, load_run
+from captioner.loaded_run import DecodeSettings, LoadedRun, load_run
 from captioner.signature import CAPTION, IMAGE_INPUT, LOG_PROB, SIGNATURE
 
 OUTPUTS = (CAPTION, LOG_PROB)
