@@ -7,6 +7,7 @@
     python scripts/bench.py decode [--json]
     python scripts/bench.py quality [--json]   caption quality on real photographs (dev split)
     python scripts/bench.py serve [--json]     captioner serve under load, batching on vs off
+    python scripts/bench.py export --run RUN [--json]   exported models: size, latency, captions
 
 Each subcommand lives in scripts/bench_<name>.py and exposes `main(argv) -> dict`.
 Results are recorded in BENCHMARKS.md together with the machine they ran on.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-COMMANDS = ("features", "train", "attention", "decode", "quality", "serve")
+COMMANDS = ("features", "train", "attention", "decode", "quality", "serve", "export")
 
 
 def main() -> None:

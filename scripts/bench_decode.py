@@ -71,7 +71,7 @@ def main(argv: list[str]) -> dict:
 
     import numpy as np
 
-    from captioner import decode, reference
+    from captioner import decode, decode_loops, reference
     from captioner.models import decoder_for
     from captioner.tokenizer import Vocabulary
 
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> dict:
 
     peak = max(peak, matmul_peak_gflops())
     decoder = decoder_for(model)
-    units, columns = decoder.hidden_size, decode._allowed_projection(decoder)[0].shape[1]
+    units, columns = decoder.hidden_size, decode_loops._allowed_projection(decoder)[0].shape[1]
     flops_per_word = 2 * units * (columns + 4 * units + units)  # projection, recurrence, dense
     beam3_floor_ms = 3 * args.max_length * flops_per_word / (peak * 1e9) * 1000
 

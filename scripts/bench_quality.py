@@ -157,7 +157,7 @@ def dev_references(cfg) -> dict[str, list[str]]:
 
 def run_ours(cfg) -> dict:
     """`captioner train` with the defaults, then the run's own decoding settings."""
-    from captioner.rundir import load_run
+    from captioner.loaded_run import load_run
     from captioner.train import train
 
     start = time.perf_counter()

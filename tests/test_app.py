@@ -198,16 +198,16 @@ def test_page_shows_every_models_caption_side_by_side(
 ):
     import streamlit as st
 
-    from captioner import rundir
+    from captioner import loaded_run
 
     loads = []
-    real_load_run = rundir.load_run
+    real_load_run = loaded_run.load_run
 
     def counting_load_run(*args, **kwargs):
         loads.append(args)
         return real_load_run(*args, **kwargs)
 
-    monkeypatch.setattr(rundir, "load_run", counting_load_run)
+    monkeypatch.setattr(loaded_run, "load_run", counting_load_run)
     st.cache_resource.clear()  # earlier tests may have loaded these runs already
     page.run()
     assert not page.exception and not page.error

@@ -21,7 +21,7 @@ from captioner.attention_maps import ALL_WORDS, Attended
 from captioner.cli import main
 from captioner.config import load_config
 from captioner.errors import CaptionerError
-from captioner.rundir import LoadedRun
+from captioner.loaded_run import LoadedRun
 from captioner.tokenizer import Vocabulary
 
 GRID = (2, 3)  # H, W: not square, so a transposed map would land elsewhere

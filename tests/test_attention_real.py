@@ -23,7 +23,7 @@ from captioner import clean, demo, train
 from captioner.attention_maps import attend_features, upsample
 from captioner.captions import load_captions
 from captioner.feature_cache import write_cache
-from captioner.rundir import load_run
+from captioner.loaded_run import load_run
 
 CELLS = 8  # the grid: 8 x 8 cells of 8 x 8 pixels of a 64-pixel image
 BACKGROUND_WORDS = set(demo.BACKGROUNDS)

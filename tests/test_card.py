@@ -32,6 +32,7 @@ def test_card_shows_the_run_and_every_evaluation_and_is_rewritten(tmp_path, tiny
     assert "12 min 34 s over 7 epochs on AMD EPYC 7B13 (2 cores; avx2), no GPU" in card
     assert "Not evaluated yet" in card and "## Sample captions" not in card
     assert f"captioner caption photo.jpg --model {run_dir}" in card and "## Export" in card
+    assert f"captioner export --run {run_dir} exported/{run_dir.name}" in card
 
     write_json(run_dir / "metrics.json", evaluation("test", 3, 0.2345, 0.6789, "2026-12-01T10:00"))
     (run_dir / "predictions.csv").write_text(

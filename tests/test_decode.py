@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from captioner import decode, reference
+from captioner import decode, decode_loops, reference
 from captioner.config import ModelConfig
 from captioner.models.merge import build_model
 from captioner.text import END_ID, PAD_ID, START_ID, UNK_ID
@@ -59,6 +59,13 @@ def markov_model(table: dict[int, dict[int, float]], vocab_size: int = 7) -> ker
 
 
 FEATURES_2D = np.zeros((1, 2), np.float32)
+# Greedy: a (0.6) -> c (0.4) -> end = 0.24.  Best: b (0.4) -> end (1.0) = 0.4.
+GREEDY_MISSES = {
+    START_ID: {A: 0.6, B: 0.4},
+    A: {C: 0.4, END_ID: 0.3, A: 0.3},
+    B: {END_ID: 1.0},
+    C: {END_ID: 1.0},
+}
 
 
 def test_markov_model_has_the_probabilities_it_was_built_with():
@@ -69,15 +76,7 @@ def test_markov_model_has_the_probabilities_it_was_built_with():
 
 
 def test_beam_finds_the_sequence_greedy_misses():
-    # Greedy: a (0.6) -> c (0.4) -> end = 0.24.  Best: b (0.4) -> end (1.0) = 0.4.
-    model = markov_model(
-        {
-            START_ID: {A: 0.6, B: 0.4},
-            A: {C: 0.4, END_ID: 0.3, A: 0.3},
-            B: {END_ID: 1.0},
-            C: {END_ID: 1.0},
-        }
-    )
+    model = markov_model(GREEDY_MISSES)
     assert decode.greedy(model, FEATURES_2D, 10) == [[A, C]]
     assert decode.beam_search(model, FEATURES_2D, 10, beam=1) == [[A, C]]
     assert decode.beam_search(model, FEATURES_2D, 10, beam=2) == [[B]]
@@ -170,16 +169,18 @@ def test_bad_beam_width_is_refused():
 def test_block_top_k_and_normaliser_are_exact_and_special_ids_come_first():
     import tensorflow as tf
 
-    logits = tf.constant(np.random.default_rng(5).normal(size=(7, 5 * decode.BLOCK)), tf.float32)
-    maxima, normaliser = decode._scan(logits)
+    logits = tf.constant(
+        np.random.default_rng(5).normal(size=(7, 5 * decode_loops.BLOCK)), tf.float32
+    )
+    maxima, normaliser = decode_loops._scan(logits)
     np.testing.assert_allclose(normaliser, tf.reduce_logsumexp(logits, 1, keepdims=True), 1e-6)
     for k in (1, 3, 6):  # 6 > the 5 blocks
-        values, columns = decode._top_k(logits, maxima, k)
+        values, columns = decode_loops._top_k(logits, maxima, k)
         expected_values, expected_columns = tf.math.top_k(logits, k)
         np.testing.assert_array_equal(values.numpy(), expected_values.numpy())
         np.testing.assert_array_equal(columns.numpy(), expected_columns.numpy())
     # decoders project onto ids >= FIRST_ALLOWED, which relies on this order of text.py's ids
-    assert max(decode.NEVER_EMIT) < decode.FIRST_ALLOWED == END_ID
+    assert max(decode_loops.NEVER_EMIT) < decode_loops.FIRST_ALLOWED == END_ID
 
 
 def test_a_dropped_model_is_freed_with_its_compiled_decoders():
@@ -194,3 +195,58 @@ def test_a_dropped_model_is_freed_with_its_compiled_decoders():
     del model
     gc.collect()
     assert dropped() is None
+
+
+def graph_decode(model, features, max_length, beam, compiled=True, **settings):
+    """decode_loops.decode_tokens traced in a tf.function, beam an int or a tensor input."""
+    import tensorflow as tf
+
+    from captioner.models import decoder_for
+
+    decoder = decoder_for(model)
+    if isinstance(beam, int):
+        function = tf.function(
+            lambda x: decode_loops.decode_tokens(
+                decoder, x, max_length, beam, compiled=compiled, **settings
+            )
+        )
+        ids, scores = function(tf.constant(features))
+    else:
+        function = tf.function(
+            lambda x, width: decode_loops.decode_tokens(
+                decoder, x, max_length, width, compiled=compiled, **settings
+            )
+        )
+        ids, scores = function(tf.constant(features), tf.constant(beam[0]))
+    return [decode._until_end(row) for row in ids.numpy()], scores.numpy()
+
+
+def test_graph_loops_give_the_log_probability_and_take_the_beam_as_an_input():
+    model = markov_model(GREEDY_MISSES)
+    for compiled in (True, False):  # plain steps (as exported) decode alike
+        ids, scores = graph_decode(model, FEATURES_2D, 10, 1, compiled)
+        assert ids == [[A, C]]
+        np.testing.assert_allclose(scores, [np.log(0.6 * 0.4 * 1.0)], atol=1e-4)
+        ids, scores = graph_decode(model, FEATURES_2D, 10, 2, compiled)
+        assert ids == [[B]]
+        np.testing.assert_allclose(scores, [np.log(0.4 * 1.0)], atol=1e-4)
+    # the width as a tensor: greedy at 1 (a tf.cond), beam search above
+    for width, expected in ((1, [[A, C]]), (2, [[B]]), (5, [[B]])):
+        assert graph_decode(model, FEATURES_2D, 10, [width])[0] == expected
+
+
+def test_graph_loops_equal_the_compiled_decoders_on_a_random_model():
+    """... and their log-probabilities are the captions' under the model, n-grams blocked or
+    not: what likelihood.py (`captioner serve`) computes in one teacher-forced pass."""
+    from captioner import likelihood
+
+    model = random_model()
+    features = np.random.default_rng(2).normal(size=(9, 8)).astype(np.float32)
+    for beam, settings in ((1, {}), (3, {}), (3, {"length_penalty": 0.7, "no_repeat_ngram": 2})):
+        expected = decode.decode(model, features, 8, beam, **settings)
+        for width in (beam, [beam]):
+            ids, scores = graph_decode(model, features, 8, width, compiled=False, **settings)
+            assert ids == expected
+            assert np.all(np.isfinite(scores)) and np.all(scores < 0)
+            served = likelihood.log_probabilities(model, features, ids, 8)
+            np.testing.assert_allclose(scores, served, rtol=1e-4, atol=1e-4)

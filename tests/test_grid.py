@@ -146,7 +146,7 @@ def test_merge_trains_and_evaluates_on_a_dropped_in_grid_cache(tmp_path, flickr8
     assert read_json(run_dir / "features_meta.json")["grid"] == [3, 5]
     assert "(weights hand-made), 3x5 grid of 7-d features" in (run_dir / "README.md").read_text()
 
-    from captioner.rundir import load_run
+    from captioner.loaded_run import load_run
 
     model = load_run(run_dir, with_encoder=False).model
     assert tuple(model.input["features"].shape) == (None, 7)  # merge: one C-vector per image

@@ -141,7 +141,7 @@ def test_a_grid_run_trains_from_scratch_and_captions_new_images_through_a_grid(t
     the merge model trains on its mean over regions; the run's encoder, rebuilt for new images,
     gives the same grid, so captions of the test images equal those evaluate made from the
     cache."""
-    from captioner.rundir import load_run
+    from captioner.loaded_run import load_run
 
     data, runs = tmp_path / "data", tmp_path / "runs"
     settings = {

@@ -238,10 +238,10 @@ def caption_image(
 @st.cache_resource(show_spinner="Loading models (once)...")
 def load_models(run_dirs: tuple[str, ...]) -> list[tuple[str, Any]]:
     """(name, LoadedRun) per run, loaded once per server process, not per upload."""
-    from captioner import rundir
+    from captioner import loaded_run
 
     # runs made with the same encoder share one copy of it (encoders.build_encoder's cache)
-    models = [(model_name(Path(d)), rundir.load_run(Path(d))) for d in run_dirs]
+    models = [(model_name(Path(d)), loaded_run.load_run(Path(d))) for d in run_dirs]
     # The first call traces TensorFlow functions (seconds); do it now for the runs' own decoding
     # settings (the page's default), so the time shown for a user's image is the real one.
     blank = io.BytesIO()

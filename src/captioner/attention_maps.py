@@ -50,7 +50,7 @@ def run_grid(run: Any) -> tuple[int, int] | None:
 
 def attend_features(run: Any, features: np.ndarray, decoding: Any = None) -> list[Attended]:
     """Captions and maps of a LoadedRun for rows of its encoder ((N, D) or (N, H, W, C)), decoded
-    with `decoding` (rundir.DecodeSettings; default: the run's own settings)."""
+    with `decoding` (loaded_run.DecodeSettings; default: the run's own settings)."""
     ids, maps = run.decode_features(features, decoding, attention=True)
     tokens = run.vocab.tokens
     if maps is None or not ids:

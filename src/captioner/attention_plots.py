@@ -70,7 +70,7 @@ def attention_examples(
     word of its caption (decoded with the run's settings from its feature cache)."""
     from captioner.config import replace
     from captioner.evaluate import split_references, split_rows
-    from captioner.rundir import load_run
+    from captioner.loaded_run import load_run
 
     run = load_run(run_dir, with_encoder=False)
     if data_dir is not None:

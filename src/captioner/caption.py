@@ -2,7 +2,7 @@
 
 A run directory is self-describing (docs/CONTRACTS.md): config.json gives the decoding settings,
 vocab.json the words, model.keras the weights and features_meta.json the encoder its features
-came from. `rundir.load_run` loads all of that once (re-exported here, as before);
+came from. `loaded_run.load_run` loads all of that once (re-exported here, as before);
 `LoadedRun.caption_files` is also the API the web app uses. Runs made with the same encoder share
 one encoder instance.
 """
@@ -20,7 +20,7 @@ import numpy as np
 from captioner.attention_maps import Attended, attend_features, png_names
 from captioner.formats import IMAGE_SUFFIXES, is_image_name
 from captioner.io import log
-from captioner.rundir import DecodeSettings, LoadedRun, load_run
+from captioner.loaded_run import DecodeSettings, LoadedRun, load_run
 from captioner.runs import latest_run
 
 __all__ = ["LoadedRun", "caption_command", "expand_images", "latest_run", "load_run", "tsv_field"]

@@ -237,10 +237,20 @@ captions, failures = run.caption_files(["photo.jpg"])
 
 ## Export
 
-The folder is the whole model: `model.keras` (weights), `vocab.json` (words), `config.json`
-(settings, decoding) and `features_meta.json` (the image encoder new images must go through).
-Copy the folder to move it. `model.keras` also loads in plain Keras with
-`keras.saving.load_model(path)` after `import captioner.models`, which registers its layers."""
+```bash
+captioner export --run {run_dir} exported/{run_dir.name}     # a TensorFlow SavedModel
+captioner export --run {run_dir} --format tflite {run_dir.name}.tflite
+captioner export --run {run_dir} --format tflite --quantize float16 {run_dir.name}-f16.tflite
+```
+
+The SavedModel needs TensorFlow only: its `serving_default` signature takes image file bytes
+(`image_bytes`, tf.string) and returns `caption` and `log_prob`, as `captioner serve` does; the
+TFLite model takes the pixels read as for training and returns the words (project README, "Use
+your model elsewhere").
+The run folder itself is the whole model too: `model.keras` (weights), `vocab.json` (words),
+`config.json` (settings, decoding) and `features_meta.json` (the image encoder new images must
+go through); `model.keras` loads in plain Keras with `keras.saving.load_model(path)` after
+`import captioner.models`, which registers its layers."""
 
 
 def _text(value: Any) -> str:

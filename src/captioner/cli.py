@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from captioner import __version__, cli_results
+from captioner import __version__, cli_deploy, cli_results
 from captioner.cli_options import (
     VERBOSE_ENV,
     config_options,
@@ -312,7 +312,13 @@ def caption(
     sys.exit(1 if failures else 0)
 
 
-for command in (cli_results.runs, cli_results.plot, cli_results.app, cli_results.serve):
+for command in (
+    cli_results.runs,
+    cli_results.plot,
+    cli_results.app,
+    cli_deploy.serve,
+    cli_deploy.export,
+):
     main.add_command(command)
 
 

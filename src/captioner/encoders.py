@@ -157,22 +157,23 @@ class Encoder:
         self._preprocess = getattr(keras.applications, spec.module).preprocess_input
         # One trace for every batch size (the last batch of a chunk is often shorter).
         signature = [tf.TensorSpec((None, self.size, self.size, 3), tf.uint8)]
-        self._infer = tf.function(self._forward, input_signature=signature)
+        self._infer = tf.function(self.forward, input_signature=signature)
 
     def describe(self) -> dict:
         """What a cache of this encoder's rows says of their shape (meta.json)."""
         shape = {"dim": self.dim, "layout": self.layout, "input_size": [self.size, self.size]}
         return shape | ({"grid": list(self.grid)} if self.grid else {})
 
-    def _forward(self, images: tf.Tensor) -> tf.Tensor:
-        # (B, S, S, 3) uint8 -> (B, *row_shape) float32, whatever the compute dtype.
+    def forward(self, images: tf.Tensor) -> tf.Tensor:
+        """(B, S, S, 3) uint8 -> (B, *row_shape) float32 features, whatever the compute dtype:
+        preprocess_input, then the network. Graph ops: export_graph.py traces it too."""
         pixels = self._preprocess(tf.cast(images, tf.float32))
         return tf.cast(self.model(pixels, training=False), tf.float32)
 
     def encode_images(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        """Decoded images (N, size, size, 3) uint8 (decode_image's) -> features (N, D) float32,
-        `batch_size` images per inference call as encode_files runs them."""
-        parts = [np.zeros((0, self.dim), np.float32)]
+        """Decoded images (N, size, size, 3) uint8 (decode_image's) -> features (N, *row_shape)
+        float32, `batch_size` images per inference call as encode_files runs them."""
+        parts = [np.zeros((0, *self.row_shape), np.float32)]
         for start in range(0, len(images), batch_size):
             parts.append(self._infer(tf.constant(images[start : start + batch_size])).numpy())
         return np.concatenate(parts)

@@ -29,7 +29,7 @@ from captioner.card import write_card
 from captioner.config import replace
 from captioner.errors import CaptionerError
 from captioner.io import atomic_write_bytes, file_sha256, log, read_json, write_json
-from captioner.rundir import LoadedRun, load_run
+from captioner.loaded_run import LoadedRun, load_run
 
 CHUNK = 500  # images per decoding call: the unit of progress
 # Feature-cache settings that must match the run's features_meta.json.

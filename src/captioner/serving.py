@@ -14,8 +14,8 @@ An instance I is an image file's bytes, {"b64": "<base64>"} or {"image_bytes": {
 the image's features, a list of numbers in the shape the run's model takes (D numbers for the
 merge model) or {"features": [...]}. A run trained on dropped-in features has no encoder to turn
 an image into features, so it takes features only. "signature_name", if given, must be
-"serving_default". The names mirror the exported SavedModel's signature (README, "Use your model
-elsewhere"): input "image_bytes", outputs "caption" and "log_prob" (likelihood.py).
+"serving_default". The names are the exported SavedModel's (signature.py): input "image_bytes",
+outputs "caption" and "log_prob" (likelihood.py).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ import numpy as np
 
 from captioner.errors import CaptionerError
 from captioner.io import log, read_json
-from captioner.rundir import DecodeSettings, LoadedRun, load_run
+from captioner.loaded_run import DecodeSettings, LoadedRun, load_run
+from captioner.signature import CAPTION, IMAGE_INPUT, LOG_PROB, SIGNATURE
 
-SIGNATURE = "serving_default"
-INPUT = "image_bytes"
-OUTPUTS = ("caption", "log_prob")
+OUTPUTS = (CAPTION, LOG_PROB)
 VERSION = "1"  # TF Serving numbers a model's versions; a run is served as its only version
 MAX_INSTANCES = 64  # per request: bounds the memory one request takes (64 decoded images ~10 MB)
 URLSAFE = str.maketrans("-_", "+/")  # TF Serving reads web-safe base64 too
@@ -86,8 +85,8 @@ class ServedModel:
             (key, inner), *_ = value.items()
             if key == "b64":
                 return self.image(_b64decode(inner, f"{where}.b64"), where)
-            if key == INPUT and isinstance(inner, dict):
-                return self.instance(inner, f"{where}.{INPUT}")
+            if key == IMAGE_INPUT and isinstance(inner, dict):
+                return self.instance(inner, f"{where}.{IMAGE_INPUT}")
             if key == "features":
                 return self.features(inner, f"{where}.features")
         if isinstance(value, list):
@@ -157,14 +156,20 @@ class ServedModel:
         ]
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) uint8 -> (n, D) features, in padded chunks of batch_size."""
+        """(n, size, size, 3) uint8 -> (n, *feature_shape) features, in padded chunks of
+        batch_size, shaped for the decoder as `captioner caption` does (feature_cache.for_decoder:
+        a merge model on a grid takes its mean over the regions)."""
+        from captioner.feature_cache import for_decoder
+        from captioner.models import features_of
+
         batch_size = self.run.cfg.features.batch_size
         parts = []
         for start in range(0, len(pixels), batch_size):
             chunk = pixels[start : start + batch_size]
             size = min(bucket(len(chunk)), batch_size)
             parts.append(self.run.encoder.encode_images(padded(chunk, size), size)[: len(chunk)])
-        return np.concatenate(parts)
+        decoder = self.run.cfg.model.decoder
+        return for_decoder(np.concatenate(parts), features_of(decoder), decoder)
 
     def warm_up(self, max_batch: int = 1) -> None:
         """Trace and compile the encoder, the decoding loop and the scorer now, for every
@@ -200,8 +205,8 @@ class ServedModel:
         if where == "inputs" and isinstance(values, dict) and len(values) == 1:
             (name, values), *_ = values.items()
             where = f"inputs.{name}"
-            if name not in (INPUT, "features"):
-                raise CaptionerError(f"{where}: unknown input; the input is '{INPUT}'")
+            if name not in (IMAGE_INPUT, "features"):
+                raise CaptionerError(f"{where}: unknown input; the input is '{IMAGE_INPUT}'")
         if not isinstance(values, list) or not values:
             raise CaptionerError(f"{where} must be a non-empty list")
         if len(values) > MAX_INSTANCES:
@@ -235,8 +240,8 @@ class ServedModel:
             return {"dtype": dtype, "tensor_shape": shape, "name": ""}
 
         signature = {
-            "inputs": {INPUT: tensor("DT_STRING", [-1])},
-            "outputs": {"caption": tensor("DT_STRING", [-1]), "log_prob": tensor("DT_FLOAT", [-1])},
+            "inputs": {IMAGE_INPUT: tensor("DT_STRING", [-1])},
+            "outputs": {CAPTION: tensor("DT_STRING", [-1]), LOG_PROB: tensor("DT_FLOAT", [-1])},
             "method_name": "tensorflow/serving/predict",
         }
         return {
