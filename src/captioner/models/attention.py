@@ -19,11 +19,12 @@ batch and divided by its N real words like the cross-entropy (so lambda weighs i
 cross-entropy of a caption as in the paper). "loss" and "val_loss" report the cross-entropy
 alone, comparable with the merge model's.
 
-Speed: the regions' projection W_a a_i (B, L, A) and the words' share of the LSTM gates (B, T, 4U)
-are computed once per batch, outside the loop; the loop runs only on the captions still going
-and has a hand-written backward pass (models/attention_loop.py, which holds the step's
-arithmetic). `fit` computes the deep output and the vocabulary only at real targets, fused with
-the loss (models/shared.py).
+Speed: `fit` computes everything from the words on only at the N real positions, packed as the
+merge model's LSTM packs them (models/packed_lstm.py); the regions' projection W_a a_i (B, L, A)
+and the words' share of the LSTM gates (N, 4U) are computed once per batch, outside the loop;
+the loop runs only on the captions still going and has a hand-written backward pass
+(models/attention_loop.py, which holds the step's arithmetic); the vocabulary is fused with the
+loss (models/shared.py).
 
 AttentionDecoder at the bottom is this model's side of the decoder interface (models/decoder.py):
 the same step function as training, one token at a time.
