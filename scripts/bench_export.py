@@ -99,7 +99,7 @@ def _variant(
         start = time.perf_counter()
         export(run, out, fmt=fmt, quantize=quantize)
         seconds = round(time.perf_counter() - start, 1)
-    size = (
+    file_bytes = (
         sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         if out.is_dir()
         else out.stat().st_size
@@ -108,7 +108,7 @@ def _variant(
     inputs = [_bytes(p) if fmt == "saved_model" else _pixels(p, size) for p in paths]
     return {
         "export_s": seconds,
-        "size_mb": round(size / 2**20, 1),
+        "size_mb": round(file_bytes / 2**20, 1),
         "captions_greedy": caption(inputs, 1),
         "captions_default": caption(inputs, None),
         "ms_per_image": _latency(lambda batch: caption(batch, None), [[x] for x in inputs], rounds),
