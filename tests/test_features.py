@@ -359,3 +359,16 @@ def test_killed_run_resumes_to_the_same_array(flickr8k_like, tiny_config, tmp_pa
     assert result.ids == expected.ids == names and result.layout == layout
     assert result.features.shape[1:] == ((14, 14, 512) if layout == "grid" else (4096,))
     np.testing.assert_array_equal(result.features, expected.features)
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "avx512_core", "AVX512_CORE_VNNI"])
+def test_auto_precision_is_float32_when_onednn_is_capped_below_bfloat16(isa, monkeypatch):
+    # emulating an older CPU (ONEDNN_MAX_CPU_ISA) on one with AMX: bfloat16 would be emulated too
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert encoders.resolve_precision("auto") == "float32"
+    assert encoders.resolve_precision("bfloat16") == "bfloat16"  # asked for: kept
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    has_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
+    assert encoders.resolve_precision("auto") == ("bfloat16" if has_bf16 else "float32")

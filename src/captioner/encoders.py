@@ -127,6 +127,9 @@ def resolve_precision(precision: str) -> str:
     if gpus:
         capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
         return "bfloat16" if capability and capability >= (8, 0) else "float32"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN capped, e.g. at AVX2
+    if isa not in ("", "ALL", "DEFAULT") and not any(k in isa for k in ("BF16", "AMX", "AVX10")):
+        return "float32"  # below the bfloat16 instructions: bfloat16 would be emulated, slower
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
