@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from processes import stop
 
 from captioner.cli import main
 from captioner.config import from_dict
@@ -86,15 +87,6 @@ def start_server(run_dir: Path, log: Path, *options: str) -> tuple[subprocess.Po
         stop(process)
         pytest.fail(f"captioner serve did not start: {log.read_text()[-3000:]}")
     return process, url
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()  # only the process the test started
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="session")

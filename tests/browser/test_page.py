@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from processes import stop
 from test_attention_views import split_images
 
 from captioner import app
@@ -83,11 +84,7 @@ def serving(run_dirs, log_path: Path):
         wait_until_healthy(url, process)
         yield url
     finally:
-        process.terminate()  # only the process this fixture started
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, timeout=20)
         log.close()
 
 
