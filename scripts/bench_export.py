@@ -165,7 +165,7 @@ def _bytes(path: str) -> bytes:
 
 def _pixels(path: str, size: int) -> np.ndarray:
     """(size, size, 3) uint8: decoded and resized by Pillow, as for the training features."""
-    from captioner.encoders import load_image
+    from captioner.images import load_image
 
     return load_image(path, size)
 

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from captioner.cli import main
-from captioner.encoders import load_image
+from captioner.images import load_image
 from captioner.io import write_json
 from captioner.models import DECODERS
 

@@ -82,7 +82,7 @@ def copy_images(paths: list[Path], folder: Path) -> list[str]:
 def test_load_image_equals_keras_load_img(flickr8k_like, tmp_path):
     import keras
 
-    from captioner.encoders import load_image
+    from captioner.images import load_image
 
     photos = fixture_images(flickr8k_like, 3)
     expected = write_bad_files(tmp_path, photos[0])
@@ -97,7 +97,7 @@ def test_load_image_equals_keras_load_img(flickr8k_like, tmp_path):
 
 
 def test_16_bit_image_is_scaled_not_clipped(flickr8k_like, tmp_path):
-    from captioner.encoders import load_image
+    from captioner.images import load_image
 
     write_bad_files(tmp_path, fixture_images(flickr8k_like, 1)[0])
     # Pillow's own convert("RGB") clips 16-bit values to 255; ours keeps the picture.
@@ -107,7 +107,7 @@ def test_16_bit_image_is_scaled_not_clipped(flickr8k_like, tmp_path):
 
 
 def test_bad_files_raise_bad_image_with_reason(flickr8k_like, tmp_path, monkeypatch):
-    from captioner.encoders import BadImage, load_image
+    from captioner.images import BadImage, load_image
 
     expected = write_bad_files(tmp_path, fixture_images(flickr8k_like, 1)[0])
     expected["absent.jpg"] = "missing"

@@ -18,6 +18,7 @@ from captioner.cli import main
 from captioner.config import load_config, replace
 from captioner.errors import CaptionerError
 from captioner.feature_cache import for_decoder, load_cache
+from captioner.images import load_image
 from captioner.io import read_json
 from captioner.limits import DECODER_FEATURES
 
@@ -109,7 +110,7 @@ def test_vgg16_grid_is_block5_conv3_and_grid_size_averages_it(flickr8k_like):
     keras.utils.set_random_seed(0)  # what weights "none" with seed 0 means
     trunk = keras.applications.VGG16(weights=None, include_top=False, input_shape=(64, 64, 3))
     cut = keras.Model(trunk.inputs, trunk.get_layer("block5_conv3").output)
-    pixels = np.stack([encoders.load_image(p, 64) for p in paths]).astype(np.float32)
+    pixels = np.stack([load_image(p, 64) for p in paths]).astype(np.float32)
     reference = cut.predict(keras.applications.vgg16.preprocess_input(pixels), verbose=0)
     np.testing.assert_allclose(rows, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from test_evaluate import write_run
 
-from captioner import caption, encoders
-from captioner.encoders import MAX_IMAGE_BYTES, NOT_REGULAR, BadImage, load_image
+from captioner import caption, images
+from captioner.images import MAX_IMAGE_BYTES, NOT_REGULAR, BadImage, load_image
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
 
@@ -64,20 +64,20 @@ def test_files_over_the_size_cap_are_refused_unread(tmp_path: Path, flickr8k_fix
     huge = tmp_path / "huge.jpg"
     with open(huge, "wb") as handle:  # sparse: no disk space used
         handle.truncate(MAX_IMAGE_BYTES + 1)
-    with pytest.raises(BadImage, match=r"^too large: over 256 MiB \(captioner.encoders"):
+    with pytest.raises(BadImage, match=r"^too large: over 256 MiB \(captioner.images"):
         within(10, load_image, huge)
     with pytest.raises(BadImage, match="^missing: no such file$"):
         load_image(tmp_path / "absent.jpg")
 
 
 def test_the_cap_is_checked_on_what_is_read(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(encoders, "MAX_IMAGE_BYTES", 10)
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 10)
     path = tmp_path / "eleven.jpg"
     path.write_bytes(b"x" * 11)
     with pytest.raises(BadImage, match="^too large"):
-        encoders.read_image_file(path)
+        images.read_image_file(path)
     path.write_bytes(b"x" * 10)
-    assert encoders.read_image_file(path) == b"x" * 10
+    assert images.read_image_file(path) == b"x" * 10
 
 
 def test_tsv_fields_are_escaped_and_round_trip():

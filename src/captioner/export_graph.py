@@ -3,7 +3,7 @@
     image_bytes (B,) tf.string: the bytes of JPEG, PNG, GIF or BMP files     (SavedModel only)
     -> decoded to RGB: JPEG with libjpeg's accurate integer DCT, as Pillow  (H, W, 3) uint8 each
     -> resized to the encoder's S x S by Pillow's nearest-neighbour rule    (B, S, S, 3) uint8
-       (together: pixel-identical to encoders.load_image, Pillow, which made the training
+       (together: pixel-identical to images.load_image, Pillow, which made the training
        features: alpha dropped, greyscale and palette expanded, 16-bit scaled to 8, no EXIF
        rotation; tests/test_export.py checks it)
     pixels (B, S, S, 3) uint8 RGB, so resized                               (the TFLite input)
@@ -135,7 +135,7 @@ class CaptionGraph:
         return {CAPTION: captions, LOG_PROB: log_probabilities}
 
     def caption_words(self, pixels: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
-        """pixels (B, S, S, 3) uint8 RGB (encoders.load_image's), beam as in `captions` ->
+        """pixels (B, S, S, 3) uint8 RGB (images.load_image's), beam as in `captions` ->
         {"words": (B, T) tf.string, the caption's words then "", "log_prob": (B,)}."""
         words, log_probabilities = self._words(pixels, beam)
         return {WORDS: words, LOG_PROB: log_probabilities}

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from captioner.errors import CaptionerError
+from captioner.images import BadImage, decode_image
 from captioner.io import log, read_json
 from captioner.loaded_run import DecodeSettings, LoadedRun, load_run
 from captioner.signature import CAPTION, IMAGE_INPUT, LOG_PROB, SIGNATURE
@@ -98,8 +99,6 @@ class ServedModel:
 
     def image(self, data: bytes, where: str) -> Instance:
         """An image file's bytes -> its pixels, as `captioner caption` decodes a file."""
-        from captioner.encoders import BadImage, decode_image
-
         encoder = self.run.encoder
         if encoder is None:
             raise CaptionerError(
