@@ -56,7 +56,7 @@ def test_make_dataset_yields_every_caption_once_with_its_features(memmap, bucket
         assert targets.shape[0] <= 8
         # padded to the batch's longest caption, not to a global maximum
         assert (targets.numpy()[:, -1] != 0).any()
-    # without tf.data's autotuner, whose sleeping thread held each epoch's end (data.py)
+    # without tf.data's autotuner, whose sleeping thread held each epoch's end (tfdata.py)
     assert dataset.options().autotune.enabled is False
 
 

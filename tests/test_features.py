@@ -183,6 +183,8 @@ def test_extract_lists_bad_images_and_reuses_finished_cache(
     encoder = encoders.build_encoder(SMALL, "none", precision="float32", seed=0)
     alone, _, _ = encoder.encode_files([folder / good[-1], folder / "grey.png"], batch_size=1)
     np.testing.assert_allclose(cache.features[[-1, good.index("grey.png")]], alone, rtol=1e-5)
+    # without tf.data's autotuner, whose sleeping thread held the end of a long run (tfdata.py)
+    assert encoder._dataset([[str(folder / "grey.png")]], 1).options().autotune.enabled is False
 
     stamp = (out / "features.npy").stat().st_mtime_ns
     capsys.readouterr()

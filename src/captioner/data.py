@@ -21,6 +21,7 @@ from captioner.errors import CaptionerError
 from captioner.feature_cache import for_decoder
 from captioner.io import log
 from captioner.text import END_ID, START_ID
+from captioner.tfdata import without_autotuner
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -175,18 +176,4 @@ def make_dataset(
         return {"features": batch_features, "tokens": tokens}, targets
 
     dataset = dataset.map(with_features, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE).with_options(_no_autotuner())
-
-
-def _no_autotuner():
-    """tf.data options without the autotuner's background thread. Its rounds come further and
-    further apart (the period doubles, past 20 s) and an iterator is released only when the
-    thread next wakes up, so with it every epoch of `fit` and every evaluation ended up to a
-    period late: one 41 s epoch of the training benchmark held 17-45 s of that wait
-    (BENCHMARKS.md). Without it, AUTOTUNE means one parallel call per core and a prefetch
-    buffer that grows while the model waits: as fast here."""
-    import tensorflow as tf
-
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return options
+    return without_autotuner(dataset.prefetch(tf.data.AUTOTUNE))

@@ -26,6 +26,7 @@ import tensorflow as tf
 from captioner.encoder_specs import ENCODERS, EncoderSpec
 from captioner.errors import CaptionerError
 from captioner.images import BadImage, load_image
+from captioner.tfdata import without_autotuner
 
 ENCODER_CACHE = 4  # encoders kept built (build_encoder): one each for a few runs side by side
 
@@ -101,7 +102,8 @@ class Encoder:
         """Batches of (images (B, H, W, 3) uint8, reasons (B,) string; b"" = decoded fine).
 
         Batches never span two groups, so a group is batched the same way whatever is around it
-        (a resumed chunk gives bit-identical features)."""
+        (a resumed chunk gives bit-identical features). Without tf.data's autotuner, whose
+        sleeping thread held the end of a long extraction for up to half a minute (tfdata.py)."""
         size = self.size
 
         def decode(path: bytes) -> tuple[np.ndarray, bytes]:
@@ -126,7 +128,8 @@ class Encoder:
                 .batch(batch_size)
             )
 
-        return tf.data.Dataset.range(len(groups)).flat_map(group_batches).prefetch(tf.data.AUTOTUNE)
+        batches = tf.data.Dataset.range(len(groups)).flat_map(group_batches)
+        return without_autotuner(batches.prefetch(tf.data.AUTOTUNE))
 
     def encode_groups(
         self, groups: Sequence[Sequence[str]], batch_size: int = 16
