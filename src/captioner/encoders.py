@@ -103,7 +103,8 @@ class Encoder:
 
         Batches never span two groups, so a group is batched the same way whatever is around it
         (a resumed chunk gives bit-identical features). Without tf.data's autotuner, whose
-        sleeping thread held the end of a long extraction for up to half a minute (tfdata.py)."""
+        sleeping thread could hold the end of an extraction ~29 s after 53 s of batches
+        (tfdata.py, BENCHMARKS.md)."""
         size = self.size
 
         def decode(path: bytes) -> tuple[np.ndarray, bytes]:
