@@ -68,15 +68,17 @@ def serve(
         model = ServedModel.load(run_dir, beam, name)
         model.warm_up(max_batch)
         batcher = Batcher(model.caption, max_batch, max_wait_ms / 1000)
-        app = create_app(model, batcher, int(max_request_mb * (1 << 20)))
         address = f"[{host}]" if ":" in host else host
         url = f"http://{address}:{listener.getsockname()[1]}"
-        log(
-            f"serving {run_dir} as model '{model.name}' on {url} (beam {model.decoding.beam}, "
-            f"batches of up to {max_batch}, waiting {max_wait_ms:g} ms)"
-        )
-        print(url, flush=True)  # connections made from now on wait until uvicorn accepts them
-        _run(app, listener)
+
+        def ready() -> None:  # uvicorn's SIGTERM handler is in place: a stop now is honoured
+            log(
+                f"serving {run_dir} as model '{model.name}' on {url} (beam "
+                f"{model.decoding.beam}, batches of up to {max_batch}, waiting {max_wait_ms:g} ms)"
+            )
+            print(url, flush=True)  # connections made from now on wait until uvicorn accepts
+
+        _run(create_app(model, batcher, int(max_request_mb * (1 << 20)), ready), listener)
     log(f"stopped; {batcher.stats()['items']} images captioned")
 
 
@@ -109,8 +111,14 @@ def _run(app: FastAPI, listener: socket.socket) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def create_app(model: ServedModel, batcher: Batcher, max_request_bytes: int) -> FastAPI:
-    """The ASGI application; the batcher's worker runs while the application does."""
+def create_app(
+    model: ServedModel,
+    batcher: Batcher,
+    max_request_bytes: int,
+    ready: Callable[[], None] = lambda: None,
+) -> FastAPI:
+    """The ASGI application; the batcher's worker runs while the application does, and `ready`
+    is called once it has started (uvicorn handles SIGTERM and SIGINT from then on)."""
 
     decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
@@ -120,6 +128,7 @@ def create_app(model: ServedModel, batcher: Batcher, max_request_bytes: int) -> 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         batcher.start()
+        ready()
         yield
         batcher.stop()  # after uvicorn has answered every request in flight
         decoders.shutdown()
