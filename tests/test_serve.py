@@ -391,6 +391,17 @@ def test_dropped_in_features_run_and_sigterm_with_a_request_in_flight(tiny_run, 
         call(f"{url}/v1/models/mine")
 
 
+def test_sigterm_the_moment_the_url_is_printed_stops_the_server(tiny_run, tmp_path):
+    """A process manager may stop the server as soon as it says it is up. The URL was once
+    printed before uvicorn's SIGTERM handler was in place, and a SIGTERM then was ignored."""
+    process, _ = start_server(tiny_run["dir"], tmp_path / "serve.log", "--max-batch", "1")
+    try:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        stop(process)
+
+
 def test_a_taken_port_or_a_missing_run_is_one_line_before_any_loading(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
