@@ -29,6 +29,7 @@ from keras import ops
 
 from captioner.models import packed_lstm
 from captioner.models.packed_lstm import Packing
+from captioner.models.shared import lstm_gates
 
 
 class Weights(NamedTuple):
@@ -60,11 +61,7 @@ def step(gates_in, h, c, regions, projected, weights: Weights) -> dict:
     raw = ops.reshape(ops.matmul(alpha, regions), (-1, regions.shape[-1]))  # (R, C)
     context = gate * raw
     z = gates_in + gates_h + ops.matmul(context, weights.context)  # (R, 4U)
-    z_input, z_forget, z_cell, z_output = ops.split(z, 4, axis=1)
-    act = ops.concatenate(
-        [ops.sigmoid(z_input), ops.sigmoid(z_forget), ops.tanh(z_cell), ops.sigmoid(z_output)], 1
-    )
-    i, f, g, o = ops.split(act, 4, axis=1)
+    i, f, g, o = lstm_gates(z)
     c = f * c + i * g
     tanh_c = ops.tanh(c)
     return {
@@ -72,7 +69,7 @@ def step(gates_in, h, c, regions, projected, weights: Weights) -> dict:
         "c": c,
         "context": context,
         "alpha": ops.reshape(alpha, (-1, regions_count)),
-        "act": act,
+        "act": ops.concatenate([i, f, g, o], axis=1),
         "tanh_c": tanh_c,
         "energy": energy,
         "gate": gate,

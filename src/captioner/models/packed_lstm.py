@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from captioner.models.shared import lstm_update
+from captioner.models.shared import lstm_gates, lstm_update
 
 
 class Packing(NamedTuple):
@@ -97,8 +97,7 @@ def lstm(inputs, packing: Packing, kernel, recurrent_kernel, bias):
 
         def gradient(d_hs):
             h_before, c_before = (before(states, packing.previous) for states in (hs, cs))
-            i, f, g, o = tf.split(z, 4, axis=1)
-            gates = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+            gates = lstm_gates(z)  # i, f, g, o
             factors, d_c_from_h = gate_factors(gates, c_before, cs)
             d_z, *_ = backward(d_hs, factors, d_c_from_h, gates[1], packing.sizes, recurrent_kernel)
             return (

@@ -144,13 +144,24 @@ def compile_model(model: keras.Model, learning_rate: float) -> None:
     )
 
 
-def lstm_update(z, c, activation=ops.tanh, recurrent_activation=ops.sigmoid) -> tuple:
-    """One LSTM step from its gate pre-activations z (B, 4U), in Keras' gate order (input, forget,
-    cell, output), and the previous cell state c (B, U) -> (h, c), as keras' LSTMCell computes
-    them (implementation 2, no dropout at inference)."""
+def lstm_gates(z, activation=ops.tanh, recurrent_activation=ops.sigmoid) -> tuple:
+    """An LSTM's gate pre-activations z (B, 4U), in Keras' gate order (input, forget, cell,
+    output) -> the gates after their activations (i, f, g, o), each (B, U)."""
     z_input, z_forget, z_cell, z_output = ops.split(z, 4, axis=-1)
-    c = recurrent_activation(z_forget) * c + recurrent_activation(z_input) * activation(z_cell)
-    return recurrent_activation(z_output) * activation(c), c
+    return (
+        recurrent_activation(z_input),
+        recurrent_activation(z_forget),
+        activation(z_cell),
+        recurrent_activation(z_output),
+    )
+
+
+def lstm_update(z, c, activation=ops.tanh, recurrent_activation=ops.sigmoid) -> tuple:
+    """One LSTM step from its gate pre-activations z (B, 4U) and the previous cell state c (B, U)
+    -> (h, c), as keras' LSTMCell computes them (implementation 2, no dropout at inference)."""
+    i, f, g, o = lstm_gates(z, activation, recurrent_activation)
+    c = f * c + i * g
+    return o * activation(c), c
 
 
 class OutputDecoder:
