@@ -70,6 +70,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="train ours with each of these decoders on the same features (default: "
         "model.decoder); attention needs --features grid",
     )
+    parser.add_argument(
+        "--quantized",
+        action="store_true",
+        help="also convert each of our decoders alone to TFLite, float32 and dynamic-range "
+        "int8 (as `captioner export --quantize dynamic`), and compare their dev captions",
+    )
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--reference-epochs", type=int, default=20)
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared/ folder")
@@ -88,7 +94,8 @@ def main(argv: list[str]) -> dict:
         decoders = args.decoders or [cfg.model.decoder]
         for decoder in decoders:
             key = "ours" if len(decoders) == 1 else f"ours-{decoder}"
-            result[key] = run_ours(replace(cfg, **{"model.decoder": decoder, "train.name": key}))
+            ours = replace(cfg, **{"model.decoder": decoder, "train.name": key})
+            result[key] = run_ours(ours, args.quantized)
     if not args.json:
         print_table(result)
     return report(result, args.json) if args.json else result
@@ -155,8 +162,9 @@ def dev_references(cfg) -> dict[str, list[str]]:
 # --- the two contestants ----------------------------------------------------------------------
 
 
-def run_ours(cfg) -> dict:
-    """`captioner train` with the defaults, then the run's own decoding settings."""
+def run_ours(cfg, quantized: bool = False) -> dict:
+    """`captioner train` with the defaults, then the run's own decoding settings (and with
+    `quantized`, the decoder as TFLite: tflite_agreement)."""
     from captioner.loaded_run import load_run
     from captioner.train import train
 
@@ -167,6 +175,8 @@ def run_ours(cfg) -> dict:
     state = read_json(run_dir / "state.json")
     settings = run.decode_settings().to_dict()
     result = measure(cfg, run.model, run.vocab.encode, run.vocab, settings, cfg.model.decoder)
+    if quantized:
+        result["tflite"] = tflite_agreement(cfg, run_dir)
     return {
         **result,
         "decoding": settings,
@@ -260,6 +270,55 @@ def measure(cfg, model, encode, vocab, settings: dict, decoder: str = "merge") -
             f"{image}: {caption}" for image, caption in zip(images[:3], hypotheses[:3], strict=True)
         ],
     }
+
+
+def tflite_agreement(cfg, run_dir: Path, chunk: int = 100) -> dict:
+    """The run's decoder alone (`captioner export --input features`: the real features come
+    without an encoder) as TFLite, float32 and dynamic-range int8. For greedy decoding and the
+    run's own settings: the share of the int8 model's dev captions equal to float32's, and each
+    one's scores."""
+    import tensorflow as tf
+
+    from captioner import metrics
+    from captioner.export import export
+    from captioner.feature_cache import load_cache
+    from captioner.loaded_run import load_run
+    from captioner.models import features_of
+
+    decoder, beam = cfg.model.decoder, load_run(run_dir, False).decode_settings().beam
+    cache = load_cache(cfg.features_dir)
+    references = dev_references(cfg)
+    images = list(references)
+    features = cache.rows([cache.row[i] for i in images], features_of(decoder), decoder)
+    features = features.astype(np.float32)
+    refs = [references[image] for image in images]
+    captions: dict[str, dict[str, list[str]]] = {}
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-quality-tflite-") as folder:
+        for quantize in (None, "dynamic"):
+            name = quantize or "float32"
+            path = export(
+                run_dir, Path(folder) / name, "tflite", quantize=quantize, inputs="features"
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+                interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=2)
+            runner = interpreter.get_signature_runner("caption_with_beam")
+            captions[name] = {}
+            for decoding, width in (("greedy", 1), ("default", beam)):
+                rows = []
+                for start in range(0, len(features), chunk):
+                    batch = features[start : start + chunk]
+                    out = runner(features=batch, beam=np.array(width, np.int32))
+                    rows += [" ".join(w.decode() for w in row if w) for row in out["words"]]
+                captions[name][decoding] = rows
+                scores = metrics.score_all(rows, refs, with_meteor=False)[0]
+                result[f"{name}_{decoding}"] = {key: scores[key] for key in ("bleu4", "cider_d")}
+            result[f"{name}_mb"] = round(path.stat().st_size / 2**20, 2)
+    for decoding in ("greedy", "default"):
+        pairs = zip(captions["dynamic"][decoding], captions["float32"][decoding], strict=True)
+        result[f"agree_{decoding}"] = float(np.mean([a == b for a, b in pairs]))
+    return result
 
 
 def end_probability(model, cache, references: dict[str, list[str]], encode, decoder) -> float:

@@ -344,6 +344,49 @@ def test_the_export_and_captioner_serve_answer_alike(trained):
 
 
 @pytest.mark.slow
+def test_a_run_on_dropped_in_features_exports_its_decoder_alone(trained, tmp_path):
+    """--input features: the decoder alone, fed the features, writes `captioner caption`'s
+    captions, as a SavedModel and as TFLite. For a run whose features were dropped in (here:
+    the trained run, told so) it is the only export."""
+    import shutil
+
+    import tensorflow as tf
+
+    from captioner.feature_cache import for_decoder
+    from captioner.loaded_run import load_run
+    from captioner.models import features_of
+
+    run = tmp_path / "dropped"
+    shutil.copytree(trained["run"], run)
+    meta = json.loads((run / "features_meta.json").read_text())
+    write_json(run / "features_meta.json", {**meta, "encoder": "mine", "weights": "mine.h5"})
+    assert "--input features" in refused(["export", "--run", str(run), str(tmp_path / "no")])
+    for fmt, out in (("saved_model", "saved"), ("tflite", "decoder.tflite")):
+        args = ["export", "--run", str(run), "--input", "features", "--format", fmt]
+        result = CliRunner().invoke(main, [*args, str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+
+    decoder, paths, expected = trained["decoder"], trained["paths"], trained["captions"]
+    features, ok_paths, _ = load_run(trained["run"]).encode_files(paths)
+    assert ok_paths == list(map(str, paths))
+    features = for_decoder(features, features_of(decoder), decoder).astype(np.float32)
+    saved = tf.saved_model.load(str(tmp_path / "saved"))
+    default = saved.signatures["serving_default"](features=tf.constant(features))
+    assert [c.decode() for c in default["caption"].numpy()] == expected[None]
+    beam = tf.constant(1)
+    greedy = saved.signatures["caption_with_beam"](features=tf.constant(features), beam=beam)
+    assert [c.decode() for c in greedy["caption"].numpy()] == expected[1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        interpreter = tf.lite.Interpreter(model_path=str(tmp_path / "decoder.tflite"))
+    runner = interpreter.get_signature_runner("serving_default")
+    assert list(runner.get_input_details()["features"]["shape"][1:]) == list(features.shape[1:])
+    words = [runner(features=row[None])["words"][0] for row in features]
+    assert [" ".join(w.decode() for w in row if w) for row in words] == expected[None]
+
+
+@pytest.mark.slow
 def test_a_merge_run_on_a_grid_exports_and_serves_the_grids_mean(tmp_path):
     """A merge model trained on a grid cache takes each image's mean over the regions
     (feature_cache.for_decoder): the exported graph and `captioner serve` pool alike."""

@@ -106,6 +106,8 @@ def test_16_bit_image_is_scaled_not_clipped(flickr8k_like, tmp_path):
     )
 
 
+# captioner.images silences this warning (it raises BadImage instead); pytest re-enables it
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_bad_files_raise_bad_image_with_reason(flickr8k_like, tmp_path, monkeypatch):
     from captioner.images import BadImage, load_image
 

@@ -30,23 +30,36 @@ from captioner.cli_options import fail_cleanly, run_option, start_tensorflow
 @click.option(
     "--beam", type=int, default=None, help="Default beam width (1 = greedy; default: the run's)."
 )
+@click.option(
+    "--input",
+    "inputs",
+    type=click.Choice(["image", "features"]),
+    default="image",
+    show_default=True,
+    help="features: the decoder alone, taking the features your own encoder computes.",
+)
 @click.argument("out", type=click.Path())
 @fail_cleanly
-def export(run_dir: str, fmt: str, quantize: str | None, beam: int | None, out: str) -> None:
+def export(
+    run_dir: str, fmt: str, quantize: str | None, beam: int | None, inputs: str, out: str
+) -> None:
     """Write a run as a SavedModel or TFLite model that needs no captioner to run.
 
     The SavedModel's serving_default signature takes image file bytes and returns captions
-    and their log-probabilities (README, "Use your model elsewhere").
+    and their log-probabilities (README, "Use your model elsewhere"). With --input features
+    it holds the decoder alone and takes features instead: the only export of a run trained
+    on dropped-in features.
 
     \b
     Example:
       captioner export --run runs/demo exported/demo
       captioner export --run runs/demo --format tflite --quantize float16 demo.tflite
+      captioner export --run runs/mine --input features --format tflite decoder.tflite
     """
     start_tensorflow()
     from captioner import export as stage
 
-    click.echo(stage.export(run_dir, out, fmt=fmt, beam=beam, quantize=quantize))
+    click.echo(stage.export(run_dir, out, fmt=fmt, beam=beam, quantize=quantize, inputs=inputs))
 
 
 @click.command()

@@ -7,8 +7,10 @@
                  (float16 weights, or dynamic-range int8)
 
 Both hold the encoder with its weights (pooled or grid, as the run's features were made), the
-decoder (any of models/decoder.py's), the decoding loop and the vocabulary. A run
-trained on dropped-in features has no encoder to put in front, and is refused. The output is
+decoder (any of models/decoder.py's), the decoding loop and the vocabulary. With inputs
+"features" they hold the decoder alone and take features (B, ...) float32 in the shape the run's
+model takes, for a run trained on dropped-in features (which has no encoder to put in front,
+and is otherwise refused) or for an app that runs its encoder elsewhere. The output is
 written beside OUT under a temporary name and renamed when complete, so OUT is either absent or
 whole; an existing OUT is never overwritten.
 """
@@ -27,6 +29,7 @@ from captioner.runs import read_run
 
 FORMATS = ("saved_model", "tflite")
 QUANTIZATIONS = ("float16", "dynamic")
+INPUTS = ("image", "features")
 
 
 def export(
@@ -35,9 +38,11 @@ def export(
     fmt: str = "saved_model",
     beam: int | None = None,
     quantize: str | None = None,
+    inputs: str = "image",
 ) -> Path:
     """Write run_dir's model to `out` in `fmt`, decoding with beam width `beam` by default (None:
-    the run's decode.beam); return `out`."""
+    the run's decode.beam), taking `inputs` (images, or features for the decoder alone); return
+    `out`."""
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise CaptionerError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
@@ -45,21 +50,27 @@ def export(
         raise CaptionerError(
             f"--quantize {quantize}: only for --format tflite, one of {', '.join(QUANTIZATIONS)}"
         )
+    if inputs not in INPUTS:
+        raise CaptionerError(f"--input {inputs}: unknown; use one of {', '.join(INPUTS)}")
     if out.exists():
         raise CaptionerError(f"{out}: exists; delete it or choose another output path")
-    check_exportable(run_dir)
-    graph = caption_graph(run_dir, fmt, beam)
+    with_encoder = inputs == "image"
+    check_exportable(run_dir, with_encoder)
+    graph = caption_graph(run_dir, fmt, beam, with_encoder)
     if fmt == "saved_model":
         _publish(out, lambda partial: _write_saved_model(graph, partial))
     else:
         _publish(out, lambda partial: partial.write_bytes(_tflite_bytes(graph, quantize)))
     decoding = ", ".join(f"{key} {value}" for key, value in graph.settings.to_dict().items())
-    log(f"exported {run_dir} as {fmt}{f' ({quantize})' if quantize else ''}; decoding: {decoding}")
+    what = "" if with_encoder else f", the decoder alone (input: features {graph.feature_shape})"
+    quantized = f" ({quantize})" if quantize else ""
+    log(f"exported {run_dir} as {fmt}{quantized}{what}; decoding: {decoding}")
     return out
 
 
-def check_exportable(run_dir: Path) -> None:
-    """A finished run whose features came from a registered encoder; else one line."""
+def check_exportable(run_dir: Path, with_encoder: bool = True) -> None:
+    """A finished run, whose features came from a registered encoder if it is exported
+    `with_encoder`; else one line."""
     if not run_dir.is_dir():
         raise CaptionerError(f"{run_dir}: no such run directory; see `captioner runs`")
     summary = read_run(run_dir)
@@ -71,6 +82,8 @@ def check_exportable(run_dir: Path) -> None:
             f"finish it with `captioner train --dataset {summary.dataset or '...'} "
             f"--name {run_dir.name} --resume`, then export"
         )
+    if not with_encoder:
+        return
     from captioner.encoders import ENCODERS
 
     meta_path = run_dir / "features_meta.json"
@@ -85,24 +98,26 @@ def check_exportable(run_dir: Path) -> None:
     if encoder not in ENCODERS or not known_weights:
         raise CaptionerError(
             f"{meta_path}: trained on dropped-in features (encoder {encoder!r}, weights "
-            f"{weights!r}), not from a registered encoder ({', '.join(ENCODERS)}); an export "
-            "needs the encoder in front of the decoder, so it cannot be exported"
+            f"{weights!r}), not from a registered encoder ({', '.join(ENCODERS)}): it cannot be "
+            "exported with its encoder; --input features exports the decoder alone"
         )
 
 
-def caption_graph(run_dir: Path, fmt: str, beam: int | None = None) -> Any:
-    """The run's export_graph.CaptionGraph for `fmt`: for a SavedModel with the encoder and
-    decoder as they made the training features and captions (bfloat16 where they were), for
-    TFLite in float32 (TFLite has no bfloat16 kernels)."""
+def caption_graph(
+    run_dir: Path, fmt: str, beam: int | None = None, with_encoder: bool = True
+) -> Any:
+    """The run's export_graph.CaptionGraph for `fmt` (without an encoder: the decoder alone):
+    for a SavedModel with the encoder and decoder as they made the training features and
+    captions (bfloat16 where they were), for TFLite in float32 (no bfloat16 kernels there)."""
     from captioner.export_graph import CaptionGraph
     from captioner.loaded_run import load_run
 
     if fmt == "saved_model":
-        run = load_run(run_dir)
+        run = load_run(run_dir, with_encoder)
         model = run.model
-    else:
-        run = load_run(run_dir, precision="float32")  # its own copy of the model: made float32
-        if run.features_meta.get("precision") == "bfloat16":
+    else:  # its own copy of the model: made float32
+        run = load_run(run_dir, with_encoder, precision="float32")
+        if with_encoder and run.features_meta.get("precision") == "bfloat16":
             log(f"{run_dir}: features were made in bfloat16; TFLite computes in float32")
         model = _in_float32(run.model)
     return CaptionGraph(run.encoder, model, run.vocab.tokens, run.decode_settings(beam))
@@ -147,10 +162,10 @@ def _tflite_bytes(graph: Any, quantize: str | None) -> bytes:
         return convert_tflite(source, quantize)
 
 
-def tflite_source(graph: Any, path: Path) -> Path:
-    """Write the SavedModel a TFLite model is converted from (pixels in, words out); one
-    source can be converted several ways (convert_tflite)."""
-    _write_saved_model(graph, path, graph.tflite_signatures())
+def tflite_source(graph: Any, path: Path, signatures: dict | None = None) -> Path:
+    """Write the SavedModel a TFLite model is converted from (pixels in, words out, or other
+    `signatures` of the same names); one source can be converted several ways (convert_tflite)."""
+    _write_saved_model(graph, path, signatures or graph.tflite_signatures())
     return path
 
 
@@ -180,7 +195,8 @@ def _check_float16(graph: Any) -> None:
     import numpy as np
 
     smallest = float(np.finfo(np.float16).tiny)  # 6.1e-05
-    for variable in graph.encoder.model.weights + graph.model.weights:
+    encoder_weights = graph.encoder.model.weights if graph.encoder is not None else []
+    for variable in encoder_weights + graph.model.weights:
         values = np.abs(np.asarray(variable.numpy(), np.float64)).ravel()
         values = values[values > 0]
         if values.size and np.median(values) < smallest:

@@ -32,6 +32,7 @@ from typing import Any
 import tensorflow as tf
 
 from captioner import decode_loops
+from captioner.likelihood import feature_shape
 from captioner.limits import LIMITS
 from captioner.loaded_run import DecodeSettings
 from captioner.models import decoder_for, features_of
@@ -39,6 +40,7 @@ from captioner.signature import (
     BEAM_INPUT,
     BEAM_SIGNATURE,
     CAPTION,
+    FEATURE_INPUT,
     IMAGE_INPUT,
     LOG_PROB,
     SIGNATURE,
@@ -88,62 +90,86 @@ def _pillow_nearest(length: tf.Tensor, size: int) -> tf.Tensor:
 class CaptionGraph:
     """The graph functions of one run: its encoder, decoder, vocabulary and decoding settings.
 
-    encoder: encoders.Encoder; model: the run's keras.Model (any decoder); words: the vocabulary
-    tokens by id. export.py writes `saved_model_signatures()` or `tflite_signatures()`."""
+    encoder: encoders.Encoder, or None for the decoder alone, which takes features in the
+    shape the model takes (likelihood.feature_shape: (D,) for merge) instead of images; model:
+    the run's keras.Model (any decoder); words: the vocabulary tokens by id. export.py writes
+    `saved_model_signatures()` or `tflite_signatures()`."""
 
     def __init__(
         self, encoder: Any, model: Any, words: tuple[str, ...], settings: DecodeSettings
     ) -> None:
         self.encoder, self.model, self.settings = encoder, model, settings
         self.decoder = decoder_for(model)
+        self.feature_shape = feature_shape(model)
         # a pooled decoder on a grid encoder takes the mean over the regions (for_decoder)
-        self.pool = encoder.layout == "grid" and features_of(self.decoder.name) == "pooled"
+        self.pool = (
+            encoder is not None
+            and encoder.layout == "grid"
+            and features_of(self.decoder.name) == "pooled"
+        )
         self.words = ("",) * (END_ID + 1) + tuple(words[END_ID + 1 :])  # specials print as ""
 
     def saved_model_signatures(self) -> dict[str, Any]:
-        """{name: tf.function}: image_bytes [-> beam] -> caption, log_prob (signature.py)."""
-        images = tf.TensorSpec([None], tf.string, name=IMAGE_INPUT)
-        beam = tf.TensorSpec([], tf.int32, name=BEAM_INPUT)
-        return {
-            SIGNATURE: tf.function(lambda image_bytes: self.captions(image_bytes), [images]),
-            BEAM_SIGNATURE: tf.function(self.captions, [images, beam]),
-        }
+        """{name: tf.function}: image_bytes (or features) [-> beam] -> caption, log_prob."""
+        return self._signatures(
+            lambda: tf.TensorSpec([None], tf.string, name=IMAGE_INPUT), self.captions
+        )
 
     def tflite_signatures(self) -> dict[str, Any]:
-        """{name: tf.function}: pixels [-> beam] -> words, log_prob."""
-        size = self.encoder.size
-        pixels = tf.TensorSpec([None, size, size, 3], tf.uint8, name=PIXEL_INPUT)
+        """{name: tf.function}: pixels (or features) [-> beam] -> words, log_prob."""
+        return self._signatures(
+            lambda: tf.TensorSpec(
+                [None, self.encoder.size, self.encoder.size, 3], tf.uint8, name=PIXEL_INPUT
+            ),
+            self.caption_words,
+        )
+
+    def _signatures(self, image_spec: Any, call: Any) -> dict[str, Any]:
+        """The two signatures (signature.py) of call(inputs[, beam]) on inputs of image_spec(),
+        or without an encoder on features (B, *feature_shape) float32; each input is named
+        after its spec."""
+        inputs = (
+            image_spec()
+            if self.encoder is not None
+            else tf.TensorSpec([None, *self.feature_shape], tf.float32, name=FEATURE_INPUT)
+        )
         beam = tf.TensorSpec([], tf.int32, name=BEAM_INPUT)
         return {
-            SIGNATURE: tf.function(lambda pixels: self.caption_words(pixels), [pixels]),
-            BEAM_SIGNATURE: tf.function(self.caption_words, [pixels, beam]),
+            SIGNATURE: tf.function(lambda inputs: call(inputs), [inputs]),
+            BEAM_SIGNATURE: tf.function(call, [inputs, beam]),
         }
 
-    def captions(self, image_bytes: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
-        """image_bytes (B,) tf.string, beam an int32 scalar 1..MAX_BEAM (None: the settings')
-        -> {"caption": (B,) tf.string, "log_prob": (B,) float32}."""
-        size = self.encoder.size
-        pixels = tf.map_fn(
-            lambda data: resize(decode_image_bytes(data), size),
-            image_bytes,
-            fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8),
-        )  # (B, S, S, 3)
-        words, log_probabilities = self._words(pixels, beam)
+    def captions(self, inputs: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
+        """inputs: image_bytes (B,) tf.string (without an encoder: features), beam an int32
+        scalar 1..MAX_BEAM (None: the settings') -> {"caption": (B,) tf.string, "log_prob":
+        (B,) float32}."""
+        if self.encoder is not None:
+            size = self.encoder.size
+            inputs = tf.map_fn(
+                lambda data: resize(decode_image_bytes(data), size),
+                inputs,
+                fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8),
+            )  # (B, S, S, 3)
+        words, log_probabilities = self._words(inputs, beam)
         # " ".join of the non-empty words: they form a prefix of each row
         spaced = tf.where(words == "", words, " " + words)
         captions = tf.strings.strip(tf.strings.reduce_join(spaced, axis=1))
         return {CAPTION: captions, LOG_PROB: log_probabilities}
 
-    def caption_words(self, pixels: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
-        """pixels (B, S, S, 3) uint8 RGB (images.load_image's), beam as in `captions` ->
-        {"words": (B, T) tf.string, the caption's words then "", "log_prob": (B,)}."""
-        words, log_probabilities = self._words(pixels, beam)
+    def caption_words(self, inputs: tf.Tensor, beam: tf.Tensor | None = None) -> dict:
+        """inputs: pixels (B, S, S, 3) uint8 RGB (images.load_image's; without an encoder:
+        features), beam as in `captions` -> {"words": (B, T) tf.string, the caption's words
+        then "", "log_prob": (B,)}."""
+        words, log_probabilities = self._words(inputs, beam)
         return {WORDS: words, LOG_PROB: log_probabilities}
 
-    def _words(self, pixels: tf.Tensor, beam: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
-        """(B, S, S, 3) uint8 -> (words (B, T) tf.string, log-probabilities (B,) under the model):
-        the words before the first <end>, as Vocabulary.decode, then ""."""
-        features = self.encoder.forward(pixels)  # (B, D) or (B, H, W, C) float32
+    def _words(self, inputs: tf.Tensor, beam: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(B, S, S, 3) uint8 pixels (without an encoder: features) -> (words (B, T) tf.string,
+        log-probabilities (B,) under the model): the words before the first <end>, as
+        Vocabulary.decode, then ""."""
+        features = inputs
+        if self.encoder is not None:
+            features = self.encoder.forward(inputs)  # (B, D) or (B, H, W, C) float32
         if self.pool:
             features = tf.reduce_mean(features, axis=[1, 2])  # (B, C)
         if beam is None:
