@@ -82,6 +82,23 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_carries_on():
         batcher.stop()
 
 
+def test_a_request_whose_event_loop_closed_does_not_stop_the_worker():
+    """The worker settles each request on its event loop; a loop closed meanwhile (its caller
+    gave up) once raised in the worker thread, which died, and every later request hung (seen
+    once in CI: test_a_failing_batch_..., whose first asyncio.run closes its loop on the first
+    of two errors)."""
+    batcher = Batcher(Recorder(seconds=0.2), max_batch=8, max_wait=0)
+    batcher.start()
+    try:
+        with pytest.raises(TimeoutError):  # the loop closes while its item is being processed
+            asyncio.run(asyncio.wait_for(batcher.submit([3]), 0.05))
+        time.sleep(0.3)  # the worker settles the abandoned item on the closed loop
+        answer = asyncio.run(asyncio.wait_for(batcher.submit([4]), 5))
+    finally:
+        batcher.stop(timeout=5)
+    assert answer == ([16], 1)
+
+
 def test_stop_finishes_what_was_submitted_then_refuses():
     process = Recorder(seconds=0.05)
     batcher = Batcher(process, max_batch=2, max_wait=0)

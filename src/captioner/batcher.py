@@ -135,7 +135,10 @@ class Batcher:
             self._sizes[len(batch)] += 1
             self._busy += time.perf_counter() - start
         for job, (result, error) in zip(batch, outcomes, strict=True):
-            job.loop.call_soon_threadsafe(_settle, job.future, result, error, len(batch))
+            try:
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error, len(batch))
+            except RuntimeError:  # its event loop is closed: the request went away with it
+                pass
 
 
 def _settle(future: asyncio.Future, result: Any, error: Exception | None, size: int) -> None:
