@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from captioner.cli_options import fail_cleanly, run_option, start_tensorflow
+from captioner.export import FORMATS, INPUTS, QUANTIZATIONS  # no TensorFlow at import
 
 
 @click.command()
@@ -16,14 +17,14 @@ from captioner.cli_options import fail_cleanly, run_option, start_tensorflow
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["saved_model", "tflite"]),
+    type=click.Choice(FORMATS),
     default="saved_model",
     show_default=True,
     help="A SavedModel folder (image bytes -> captions) or a .tflite file (pixels -> words).",
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["float16", "dynamic"]),
+    type=click.Choice(QUANTIZATIONS),
     default=None,
     help="TFLite only: float16 weights, or int8 weights with dynamic-range quantization.",
 )
@@ -33,7 +34,7 @@ from captioner.cli_options import fail_cleanly, run_option, start_tensorflow
 @click.option(
     "--input",
     "inputs",
-    type=click.Choice(["image", "features"]),
+    type=click.Choice(INPUTS),
     default="image",
     show_default=True,
     help="features: the decoder alone, taking the features your own encoder computes.",
