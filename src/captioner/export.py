@@ -162,10 +162,10 @@ def _tflite_bytes(graph: Any, quantize: str | None) -> bytes:
         return convert_tflite(source, quantize)
 
 
-def tflite_source(graph: Any, path: Path, signatures: dict | None = None) -> Path:
-    """Write the SavedModel a TFLite model is converted from (pixels in, words out, or other
-    `signatures` of the same names); one source can be converted several ways (convert_tflite)."""
-    _write_saved_model(graph, path, signatures or graph.tflite_signatures())
+def tflite_source(graph: Any, path: Path) -> Path:
+    """Write the SavedModel a TFLite model is converted from (pixels or features in, words out);
+    one source can be converted several ways (convert_tflite)."""
+    _write_saved_model(graph, path, graph.tflite_signatures())
     return path
 
 
