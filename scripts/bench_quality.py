@@ -153,6 +153,18 @@ def write_cache(source: Path, out: Path, kind: str) -> None:
     write_feature_cache(out, [(features, ids, [])], {**meta, "dtype": str(features.dtype)})
 
 
+def dev_features(cfg, decoder: str):
+    """(the feature cache, the dev references by image, the dev images' features (N, ...) in
+    the shape `decoder` takes them, in the references' order)."""
+    from captioner.feature_cache import load_cache
+    from captioner.models import features_of
+
+    cache = load_cache(cfg.features_dir)
+    references = dev_references(cfg)
+    rows = [cache.row[image] for image in references]
+    return cache, references, cache.rows(rows, features_of(decoder), decoder)
+
+
 def dev_references(cfg) -> dict[str, list[str]]:
     from captioner.captions import read_split, references
 
@@ -176,7 +188,7 @@ def run_ours(cfg, quantized: bool = False) -> dict:
     settings = run.decode_settings().to_dict()
     result = measure(cfg, run.model, run.vocab.encode, run.vocab, settings, cfg.model.decoder)
     if quantized:
-        result["tflite"] = tflite_agreement(cfg, run_dir)
+        result["tflite"] = tflite_agreement(cfg, run_dir, settings["beam"])
     return {
         **result,
         "decoding": settings,
@@ -247,13 +259,9 @@ def measure(cfg, model, encode, vocab, settings: dict, decoder: str = "merge") -
     """Scores and length statistics of the dev captions `model` (a `decoder`) writes, and
     P(<end>)."""
     from captioner import decode, metrics
-    from captioner.feature_cache import load_cache
-    from captioner.models import features_of
 
-    cache = load_cache(cfg.features_dir)
-    references = dev_references(cfg)
+    cache, references, features = dev_features(cfg, decoder)
     images = list(references)
-    features = cache.rows([cache.row[i] for i in images], features_of(decoder), decoder)
     ids = decode.decode(model, features, **settings)
     hypotheses = [vocab.decode(words) for words in ids]
     refs = [references[image] for image in images]
@@ -272,26 +280,19 @@ def measure(cfg, model, encode, vocab, settings: dict, decoder: str = "merge") -
     }
 
 
-def tflite_agreement(cfg, run_dir: Path, chunk: int = 100) -> dict:
+def tflite_agreement(cfg, run_dir: Path, beam: int, chunk: int = 100) -> dict:
     """The run's decoder alone (`captioner export --input features`: the real features come
     without an encoder) as TFLite, float32 and dynamic-range int8. For greedy decoding and the
     run's own settings: the share of the int8 model's dev captions equal to float32's, and each
-    one's scores."""
+    one's scores; `beam`: the run's own beam width."""
     import tensorflow as tf
 
     from captioner import metrics
     from captioner.export import export
-    from captioner.feature_cache import load_cache
-    from captioner.loaded_run import load_run
-    from captioner.models import features_of
 
-    decoder, beam = cfg.model.decoder, load_run(run_dir, False).decode_settings().beam
-    cache = load_cache(cfg.features_dir)
-    references = dev_references(cfg)
-    images = list(references)
-    features = cache.rows([cache.row[i] for i in images], features_of(decoder), decoder)
+    _, references, features = dev_features(cfg, cfg.model.decoder)
     features = features.astype(np.float32)
-    refs = [references[image] for image in images]
+    refs = list(references.values())
     captions: dict[str, dict[str, list[str]]] = {}
     result: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-quality-tflite-") as folder:
